@@ -1,0 +1,153 @@
+package buffer
+
+import (
+	"encoding/binary"
+	"time"
+)
+
+// DropReason says why readings were dropped without being uploaded.
+type DropReason int
+
+// Drop reasons; their String is the metric label.
+const (
+	DropFull DropReason = iota // evicted by on_full = "drop-oldest" (also at min_free_disk)
+	DropAge                    // older than max_age
+	dropReasons
+)
+
+func (r DropReason) String() string {
+	switch r {
+	case DropFull:
+		return "buffer_full"
+	case DropAge:
+		return "max_age"
+	}
+	return "unknown"
+}
+
+// DropReasons lists every drop reason.
+var DropReasons = []DropReason{DropFull, DropAge}
+
+// classState is one class's stream as persisted in the streams bucket.
+type classState struct {
+	stream   [16]byte
+	nextSeq  uint64
+	readings uint64
+	bytes    uint64    // accounted data bytes: key + value + per-element overhead
+	oldest   time.Time // receive time of the first unsent reading (memory only)
+}
+
+const streamValueLen = 16 + 8 + 8 + 8
+
+func encodeStream(cs *classState) []byte {
+	v := append(make([]byte, 0, streamValueLen), cs.stream[:]...)
+	v = binary.BigEndian.AppendUint64(v, cs.nextSeq)
+	v = binary.BigEndian.AppendUint64(v, cs.readings)
+	return binary.BigEndian.AppendUint64(v, cs.bytes)
+}
+
+func decodeStream(v []byte) classState {
+	var cs classState
+	copy(cs.stream[:], v)
+	cs.nextSeq = binary.BigEndian.Uint64(v[16:])
+	cs.readings = binary.BigEndian.Uint64(v[24:])
+	cs.bytes = binary.BigEndian.Uint64(v[32:])
+	return cs
+}
+
+// state is the buffer's committed state; transactions work on a copy and
+// publish it only after commit.
+type state struct {
+	classes     [2]classState // indexed like Classes
+	dropped     [dropReasons]uint64
+	deadLetters int64
+}
+
+func (s *state) dataBytes() int64 {
+	var n uint64
+	for i := range s.classes {
+		n += s.classes[i].bytes
+	}
+	return int64(n)
+}
+
+func encodeCounters(c [dropReasons]uint64) []byte {
+	var v []byte
+	for _, n := range c {
+		v = binary.BigEndian.AppendUint64(v, n)
+	}
+	return v
+}
+
+func decodeCounters(v []byte) (c [dropReasons]uint64) {
+	for i := range c {
+		if len(v) >= 8 {
+			c[i] = binary.BigEndian.Uint64(v)
+			v = v[8:]
+		}
+	}
+	return c
+}
+
+// elementOverhead approximates bbolt's per-element cost in a leaf page.
+const elementOverhead = 16
+
+func accounted(value []byte) uint64 { return uint64(8 + len(value) + elementOverhead) }
+
+func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), seq) }
+
+// ClassStats describes one priority class's stream.
+type ClassStats struct {
+	Class    Class
+	Stream   [16]byte
+	NextSeq  uint64 // the sequence number the next reading gets
+	Readings int64
+	Bytes    int64
+	Oldest   time.Time // receive time of the oldest unsent reading; zero when none
+}
+
+// Stats is a snapshot of the buffer.
+type Stats struct {
+	Readings    int64     // unsent readings
+	Bytes       int64     // their accounted size
+	Oldest      time.Time // receive time of the oldest unsent reading; zero when none
+	Classes     []ClassStats
+	Dropped     map[DropReason]int64 // since the file was created
+	DeadLetters int64
+	MaxBytes    int64
+	FileBytes   int64 // the file's size on flash
+	Full        bool  // the last append found no room
+}
+
+// Stats returns a snapshot without touching the file; it is cheap enough
+// for every metrics scrape.
+func (b *Buffer) Stats() Stats {
+	b.mu.Lock()
+	st, full := b.st, b.full
+	b.mu.Unlock()
+	s := Stats{
+		Full:        full,
+		Dropped:     make(map[DropReason]int64, len(DropReasons)),
+		DeadLetters: st.deadLetters,
+		MaxBytes:    b.opts.MaxBytes,
+	}
+	for i, c := range Classes {
+		cs := st.classes[i]
+		s.Classes = append(s.Classes, ClassStats{
+			Class: c, Stream: cs.stream, NextSeq: cs.nextSeq,
+			Readings: int64(cs.readings), Bytes: int64(cs.bytes), Oldest: cs.oldest,
+		})
+		s.Readings += int64(cs.readings)
+		s.Bytes += int64(cs.bytes)
+		if !cs.oldest.IsZero() && (s.Oldest.IsZero() || cs.oldest.Before(s.Oldest)) {
+			s.Oldest = cs.oldest
+		}
+	}
+	for _, r := range DropReasons {
+		s.Dropped[r] = int64(st.dropped[r])
+	}
+	if fi, err := statFile(b.path); err == nil {
+		s.FileBytes = fi
+	}
+	return s
+}
