@@ -344,10 +344,7 @@ func (t *txn) evictUntil(target int64) error {
 			cs.bytes -= accounted(v)
 			t.st.dropped[DropFull]++
 		}
-		var err error
-		if cs.oldest, err = headReceived(q); err != nil {
-			return err
-		}
+		cs.oldest = headReceived(q)
 	}
 	return nil
 }

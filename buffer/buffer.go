@@ -60,6 +60,8 @@ type Buffer struct {
 	lowDisk bool          // the filesystem is below MinFreeDisk (committer only)
 	lastHK  time.Time     // last housekeeping (committer only)
 	rec     *Recovery     // what Open had to do, if anything
+
+	gatewayID, site string // as stored in the file
 }
 
 // Recovery describes a buffer file that was found damaged and moved aside.
@@ -259,12 +261,18 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 		if err := m.Put(keyFormat, binary.BigEndian.AppendUint32(nil, formatVersion)); err != nil {
 			return err
 		}
-		if err := m.Put(keyGateway, []byte(b.opts.GatewayID)); err != nil {
-			return err
+		// A tool opening the file without an identity keeps the stored one.
+		if b.opts.GatewayID != "" {
+			if err := m.Put(keyGateway, []byte(b.opts.GatewayID)); err != nil {
+				return err
+			}
 		}
-		if err := m.Put(keySite, []byte(b.opts.Site)); err != nil {
-			return err
+		if b.opts.Site != "" {
+			if err := m.Put(keySite, []byte(b.opts.Site)); err != nil {
+				return err
+			}
 		}
+		b.gatewayID, b.site = string(m.Get(keyGateway)), string(m.Get(keySite))
 		if err := m.Put(keyClean, []byte{0}); err != nil {
 			return err
 		}
@@ -304,9 +312,7 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 					return err
 				}
 			}
-			if cs.oldest, err = headReceived(q); err != nil {
-				return err
-			}
+			cs.oldest = headReceived(q)
 		}
 		st.dropped = decodeCounters(m.Get(keyDropped))
 		if v := m.Get(keyDeadCount); len(v) == 8 {
@@ -324,17 +330,21 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 	return nil
 }
 
-// headReceived is the receive time of the first record of q, zero when empty.
-func headReceived(q *bolt.Bucket) (time.Time, error) {
-	k, v := q.Cursor().First()
-	if k == nil {
-		return time.Time{}, nil
+// headReceived is the receive time of the first decodable record of q,
+// zero when empty. An undecodable record is skipped here; Peek drops it.
+func headReceived(q *bolt.Bucket) time.Time {
+	c := q.Cursor()
+	k, v := c.First()
+	for range 16 {
+		if k == nil {
+			return time.Time{}
+		}
+		if r, err := DecodeRecord(v); err == nil {
+			return r.Received
+		}
+		k, v = c.Next()
 	}
-	r, err := DecodeRecord(v)
-	if err != nil {
-		return time.Time{}, fmt.Errorf("record %x: %w", k, err)
-	}
-	return r.Received, nil
+	return time.Time{}
 }
 
 // guard runs fn with memory faults turned into panics and any panic from
@@ -435,3 +445,6 @@ func decodeRecovery(v []byte) *Recovery {
 	r.Reason = string(d.b)
 	return r
 }
+
+// Identity is the gateway id and site stored in the file.
+func (b *Buffer) Identity() (gatewayID, site string) { return b.gatewayID, b.site }

@@ -264,8 +264,12 @@ func TestDropOldestEvictsTelemetryBeforeAlarms(t *testing.T) {
 	for i := range 20 {
 		mustAppend(t, b, msg(ClassAlarm, mk("alarm", i)))
 	}
-	for i := range 2000 {
-		mustAppend(t, b, msg(ClassTelemetry, mk("tele", i)))
+	for i := 0; i < 2000; i += 10 {
+		var rs []Reading
+		for j := i; j < i+10; j++ {
+			rs = append(rs, mk("tele", j))
+		}
+		mustAppend(t, b, msg(ClassTelemetry, rs...))
 	}
 	st := b.Stats()
 	if st.Dropped[DropFull] == 0 {

@@ -3,7 +3,6 @@ package buffer
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -56,6 +55,7 @@ func (b *Buffer) Peek(max int) (Batch, error) {
 		return Batch{}, nil
 	}
 	batch := Batch{Class: Classes[ci], Stream: st.classes[ci].stream}
+	var corrupt []byte // key of an undecodable record at the head of the queue
 	err := b.guard(func() error {
 		return b.db.View(func(tx *bolt.Tx) error {
 			c := tx.Bucket(queueBucket(Classes[ci])).Cursor()
@@ -63,20 +63,49 @@ func (b *Buffer) Peek(max int) (Batch, error) {
 			for k, v := c.First(); k != nil && len(batch.Records) < max; k, v = c.Next() {
 				r, err := DecodeRecord(v)
 				if err != nil {
-					return fmt.Errorf("%w: class %s record %x: %w", ErrDamaged, Classes[ci], k, err)
+					// One rotten record must not stop the queue: the batch ends
+					// before it, and at the head it is dropped and counted.
+					if len(batch.Records) == 0 {
+						corrupt = bytes.Clone(k)
+					}
+					b.opts.Logger.Error("buffer record does not decode", "class", string(Classes[ci]), "seq", binary.BigEndian.Uint64(k), "err", err)
+					break
 				}
 				batch.Records = append(batch.Records, Record{Seq: binary.BigEndian.Uint64(k), Reading: r})
 			}
 			return nil
 		})
 	})
-	if errors.Is(err, ErrDamaged) {
-		return Batch{}, b.markDamaged(err)
-	}
 	if err != nil {
 		return Batch{}, fmt.Errorf("peek buffer: %w", err)
 	}
+	if corrupt != nil {
+		if err := b.dropCorrupt(ci, corrupt); err != nil {
+			return Batch{}, err
+		}
+		return b.Peek(max)
+	}
 	return batch, nil
+}
+
+// dropCorrupt deletes an undecodable record and counts it.
+func (b *Buffer) dropCorrupt(ci int, key []byte) error {
+	return b.writeState(func(t *txn) error {
+		q := t.tx.Bucket(queueBucket(Classes[ci]))
+		v := q.Get(key)
+		if v == nil {
+			return nil
+		}
+		cs := &t.st.classes[ci]
+		cs.readings--
+		cs.bytes -= accounted(v)
+		t.st.dropped[DropCorrupt]++
+		if err := q.Delete(key); err != nil {
+			return err
+		}
+		cs.oldest = headReceived(q)
+		return nil
+	})
 }
 
 // Ack removes every reading of stream up to and including upTo, and moves
@@ -109,10 +138,7 @@ func (b *Buffer) Ack(stream [16]byte, upTo uint64, dead []DeadLetter) error {
 				cs.readings--
 				cs.bytes -= accounted(v)
 			}
-			var err error
-			if cs.oldest, err = headReceived(q); err != nil {
-				return err
-			}
+			cs.oldest = headReceived(q)
 			db := tx.Bucket(bucketDead)
 			now := b.opts.Now()
 			for i := range dead {
@@ -243,11 +269,11 @@ func (b *Buffer) housekeep() {
 			q := t.tx.Bucket(queueBucket(c))
 			cur := q.Cursor()
 			for k, v := cur.First(); k != nil; k, v = cur.First() {
+				reason := DropAge
 				r, err := DecodeRecord(v)
 				if err != nil {
-					return fmt.Errorf("%w: class %s record %x: %w", ErrDamaged, c, k, err)
-				}
-				if !r.Received.Before(cutoff) {
+					reason = DropCorrupt
+				} else if !r.Received.Before(cutoff) {
 					break
 				}
 				if err := cur.Delete(); err != nil {
@@ -255,12 +281,9 @@ func (b *Buffer) housekeep() {
 				}
 				cs.readings--
 				cs.bytes -= accounted(v)
-				t.st.dropped[DropAge]++
+				t.st.dropped[reason]++
 			}
-			var err error
-			if cs.oldest, err = headReceived(q); err != nil {
-				return err
-			}
+			cs.oldest = headReceived(q)
 		}
 		return nil
 	})

@@ -100,9 +100,18 @@ func (r *Reading) Valid() error {
 		return fmt.Errorf("reading %q: sum %v is not finite", r.Name, r.Sum)
 	case r.Time.IsZero():
 		return fmt.Errorf("reading %q has no time", r.Name)
+	case r.Time.Before(minTime) || r.Time.After(maxTime) || r.Received.Before(minTime) || r.Received.After(maxTime):
+		return fmt.Errorf("reading %q: time %s outside years 1..9999", r.Name, r.Time.Format(time.RFC3339))
 	}
 	return nil
 }
+
+// The times a reading may carry: what RFC 3339 can write, well inside both
+// the encoding and Postgres's timestamptz.
+var (
+	minTime = time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC)
+	maxTime = time.Date(9999, 12, 31, 23, 59, 59, 999999000, time.UTC)
+)
 
 func finite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
 

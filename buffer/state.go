@@ -10,8 +10,9 @@ type DropReason int
 
 // Drop reasons; their String is the metric label.
 const (
-	DropFull DropReason = iota // evicted by on_full = "drop-oldest" (also at min_free_disk)
-	DropAge                    // older than max_age
+	DropFull    DropReason = iota // evicted by on_full = "drop-oldest" (also at min_free_disk)
+	DropAge                       // older than max_age
+	DropCorrupt                   // a stored record that no longer decodes
 	dropReasons
 )
 
@@ -21,12 +22,14 @@ func (r DropReason) String() string {
 		return "buffer_full"
 	case DropAge:
 		return "max_age"
+	case DropCorrupt:
+		return "corrupt_record"
 	}
 	return "unknown"
 }
 
 // DropReasons lists every drop reason.
-var DropReasons = []DropReason{DropFull, DropAge}
+var DropReasons = []DropReason{DropFull, DropAge, DropCorrupt}
 
 // classState is one class's stream as persisted in the streams bucket.
 type classState struct {
