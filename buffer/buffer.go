@@ -58,7 +58,6 @@ type Buffer struct {
 	full    bool          // the last append found no room
 	budget  int64         // data bytes the file may hold; lowered when bbolt hits MaxSize (committer only)
 	lowDisk bool          // the filesystem is below MinFreeDisk (committer only)
-	lastHK  time.Time     // last housekeeping (committer only)
 	rec     *Recovery     // what Open had to do, if anything
 
 	gatewayID, site string // as stored in the file

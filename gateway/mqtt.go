@@ -39,10 +39,9 @@ type MQTT struct {
 
 	stopping atomic.Bool  // set first when Run begins to stop
 	sendMu   sync.RWMutex // held shared by onPublish while it sends on queue; Run takes it to close queue
-	mu       sync.Mutex   // guards state, lastErr, subOK
+	mu       sync.Mutex   // guards state, lastErr
 	state    string
 	lastErr  string
-	subOK    bool
 }
 
 // inflight is a received message on its way to acknowledgement.
