@@ -217,12 +217,17 @@ func (b *Buffer) commit(batch []*Pending) {
 	}
 	err := attempt()
 	if isNoSpace(err) {
-		// The file could not grow: what it holds now is what fits. Lower the
-		// budget to that, make room under the policy, and try once more (under
-		// "reject" the retry refuses what no longer fits).
-		b.budget = min(b.budget, base.dataBytes()*15/16)
-		b.opts.Logger.Warn("buffer file reached its size limit, lowering the data budget",
-			"err", err, "budget_bytes", b.budget)
+		// The file could not grow. Pages freed by uploads are reusable only
+		// once no reader holds them, so under load the file fills before the
+		// data reaches its budget: lower the budget to what fits now (never
+		// below half of the configured one, or a transient shortage would
+		// shrink it for good), make room under the policy, and try once more
+		// (under "reject" the retry refuses what no longer fits).
+		if lowered := max(base.usedBytes()*15/16, b.fullBudget/2); lowered < b.budget {
+			b.budget = lowered
+			b.opts.Logger.Warn("buffer file reached its size limit, lowering the data budget",
+				"err", err, "budget_bytes", b.budget)
+		}
 		if b.opts.OnFull == DropOldest {
 			target := b.budget * 7 / 8
 			if eerr := b.writeStateLocked(func(t *txn) error { return t.evictUntil(target) }); eerr != nil {
@@ -234,40 +239,38 @@ func (b *Buffer) commit(batch []*Pending) {
 		b.mu.Unlock()
 		err = attempt()
 	}
-	full := false
+	// Publish the new state before any caller learns its append is done, so
+	// that Stats and Peek right after Append see it.
+	full := isNoSpace(err)
 	readings := 0
-	for i, p := range batch {
-		if err != nil {
-			if isNoSpace(err) {
-				p.finish(Result{}, fmt.Errorf("%w: %w", ErrFull, err))
-				full = true
-				continue
-			}
-			p.finish(Result{}, fmt.Errorf("append to buffer: %w", err))
-			continue
-		}
-		if errors.Is(errs[i], ErrFull) {
-			full = true
-		}
-		readings += results[i].Stored
-		p.finish(results[i], errs[i])
-	}
 	if err == nil {
+		for i := range batch {
+			full = full || errors.Is(errs[i], ErrFull)
+			readings += results[i].Stored
+		}
 		b.mu.Lock()
 		b.st = next
-		b.full = full
 		if readings > 0 {
 			close(b.wake)
 			b.wake = make(chan struct{})
 		}
 		b.mu.Unlock()
-		if b.opts.OnCommit != nil {
-			b.opts.OnCommit(time.Since(start), readings)
+	}
+	b.mu.Lock()
+	b.full = full
+	b.mu.Unlock()
+	for i, p := range batch {
+		switch {
+		case err != nil && isNoSpace(err):
+			p.finish(Result{}, fmt.Errorf("%w: %w", ErrFull, err))
+		case err != nil:
+			p.finish(Result{}, fmt.Errorf("append to buffer: %w", err))
+		default:
+			p.finish(results[i], errs[i])
 		}
-	} else if full {
-		b.mu.Lock()
-		b.full = true
-		b.mu.Unlock()
+	}
+	if err == nil && b.opts.OnCommit != nil {
+		b.opts.OnCommit(time.Since(start), readings)
 	}
 }
 
@@ -291,14 +294,19 @@ func (t *txn) append(m *Message) (Result, error) {
 	}
 	offs = append(offs, len(t.enc))
 	enc := t.enc
-	if int64(need) > t.b.budget/2 {
-		return Result{}, fmt.Errorf("%w: %d bytes, budget %d", ErrTooLarge, need, t.b.budget)
+	// Too large is judged against the configured budget, not the current
+	// one: a message that merely waits for room is full, not too large.
+	if int64(need) > t.b.fullBudget/2 {
+		return Result{}, fmt.Errorf("%w: %d bytes, budget %d", ErrTooLarge, need, t.b.fullBudget)
 	}
 	limit := t.b.budget
 	if t.b.lowDisk {
-		limit = min(limit, t.st.dataBytes())
+		limit = min(limit, t.st.usedBytes())
 	}
-	if free := limit - t.st.dataBytes(); int64(need) > free {
+	if m.Key != nil {
+		need += uint64(accountedKey(m.Key.ID))
+	}
+	if free := limit - t.st.usedBytes(); int64(need) > free {
 		if !t.evict {
 			return Result{}, ErrFull
 		}
@@ -330,13 +338,13 @@ func (t *txn) append(m *Message) (Result, error) {
 }
 
 // evictUntil drops the oldest readings, lowest priority first, until the
-// accounted data is at most target bytes.
+// accounted readings and keys are at most target bytes (or no reading is left).
 func (t *txn) evictUntil(target int64) error {
-	for ci := len(Classes) - 1; ci >= 0 && t.st.dataBytes() > target; ci-- {
+	for ci := len(Classes) - 1; ci >= 0 && t.st.usedBytes() > target; ci-- {
 		cs := &t.st.classes[ci]
 		q := t.tx.Bucket(queueBucket(Classes[ci]))
 		c := q.Cursor()
-		for k, v := c.First(); k != nil && t.st.dataBytes() > target; k, v = c.First() {
+		for k, v := c.First(); k != nil && t.st.usedBytes() > target; k, v = c.First() {
 			if err := c.Delete(); err != nil {
 				return err
 			}
@@ -359,6 +367,9 @@ func (t *txn) persist() error {
 	}
 	m := t.tx.Bucket(bucketMeta)
 	if err := m.Put(keyDropped, encodeCounters(t.st.dropped)); err != nil {
+		return err
+	}
+	if err := m.Put(keyKeyBytes, binary.BigEndian.AppendUint64(nil, uint64(t.st.keyBytes))); err != nil {
 		return err
 	}
 	return m.Put(keyDeadCount, binary.BigEndian.AppendUint64(nil, uint64(t.st.deadLetters)))
@@ -391,6 +402,7 @@ func (t *txn) putKey(k *Key) error {
 	if err := ob.Put(ok, append(ov, k.ID...)); err != nil {
 		return err
 	}
+	t.st.keyBytes += accountedKey(k.ID)
 	cutoff := int64(-1 << 63)
 	if k.TTL > 0 {
 		cutoff = t.b.opts.Now().Add(-k.TTL).UnixMicro()
@@ -406,6 +418,7 @@ func (t *txn) putKey(k *Key) error {
 		if err := c.Delete(); err != nil {
 			return err
 		}
+		t.st.keyBytes = max(0, t.st.keyBytes-accountedKey(v[min(8, len(v)):]))
 		// The key may have been stored again since: delete it only if this
 		// entry is still its latest.
 		if len(v) > 8 {

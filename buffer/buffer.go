@@ -33,6 +33,7 @@ var (
 	keySite       = []byte("site")
 	keyDropped    = []byte("dropped") // dropped counters, one uint64 per drop reason
 	keyDeadCount  = []byte("dead_letters")
+	keyKeyBytes   = []byte("key_bytes")
 	keyRecovery   = []byte("recovery") // last move-aside: unix µs + text
 )
 
@@ -44,21 +45,22 @@ type Buffer struct {
 	path string
 	db   *bolt.DB
 
-	reqs    chan *Pending // appends waiting for the committer
-	closing chan struct{} // closed when Close begins
-	stopped chan struct{} // closed when the committer has returned
-	close   sync.Once     // guards Close
-	closeMu sync.RWMutex  // held shared while sending on reqs; Close takes it to stop sends
-	isShut  bool          // guarded by closeMu
-	wake    chan struct{} // readings arrived; replaced on each signal (guarded by mu)
-	writeMu sync.Mutex    // serialises state-changing transactions; taken before mu
-	mu      sync.Mutex    // guards st, wake, damaged, full, rec
-	st      state         // committed state, mirrored from the file
-	damaged error         // set once the file has shown damage
-	full    bool          // the last append found no room
-	budget  int64         // data bytes the file may hold; lowered when bbolt hits MaxSize (committer only)
-	lowDisk bool          // the filesystem is below MinFreeDisk (committer only)
-	rec     *Recovery     // what Open had to do, if anything
+	reqs       chan *Pending // appends waiting for the committer
+	closing    chan struct{} // closed when Close begins
+	stopped    chan struct{} // closed when the committer has returned
+	close      sync.Once     // guards Close
+	closeMu    sync.RWMutex  // held shared while sending on reqs; Close takes it to stop sends
+	isShut     bool          // guarded by closeMu
+	wake       chan struct{} // readings arrived; replaced on each signal (guarded by mu)
+	writeMu    sync.Mutex    // serialises state-changing transactions; taken before mu
+	mu         sync.Mutex    // guards st, wake, damaged, full, rec
+	st         state         // committed state, mirrored from the file
+	damaged    error         // set once the file has shown damage
+	full       bool          // the last append found no room
+	budget     int64         // data bytes the file may hold now; lowered when bbolt hits MaxSize (writeMu)
+	fullBudget int64         // the budget MaxBytes allows; budget returns to it once the queue is empty
+	lowDisk    bool          // the filesystem is below MinFreeDisk (committer only)
+	rec        *Recovery     // what Open had to do, if anything
 
 	gatewayID, site string // as stored in the file
 }
@@ -95,7 +97,8 @@ func Open(opts Options) (*Buffer, error) {
 		stopped: make(chan struct{}),
 		wake:    make(chan struct{}),
 	}
-	b.budget = dataBudget(opts.MaxBytes)
+	b.fullBudget = dataBudget(opts.MaxBytes)
+	b.budget = b.fullBudget
 	if err := b.openFile(); err != nil {
 		return nil, err
 	}
@@ -316,6 +319,9 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 		st.dropped = decodeCounters(m.Get(keyDropped))
 		if v := m.Get(keyDeadCount); len(v) == 8 {
 			st.deadLetters = int64(binary.BigEndian.Uint64(v))
+		}
+		if v := m.Get(keyKeyBytes); len(v) == 8 {
+			st.keyBytes = int64(binary.BigEndian.Uint64(v))
 		}
 		return nil
 	})

@@ -438,3 +438,49 @@ func TestAppendRejectsInvalidReadings(t *testing.T) {
 		t.Fatal("an unknown class was accepted")
 	}
 }
+
+// TestKeysCountAgainstTheBudget: a small buffer with a full window of
+// idempotency keys keeps taking messages through fill and drain cycles.
+func TestKeysCountAgainstTheBudget(t *testing.T) {
+	b := openTest(t, t.TempDir(), Options{MaxBytes: 1 << 20, OnFull: Reject, CommitInterval: time.Microsecond})
+	next := 0
+	for round := range 4 {
+		// Submit many at once so that they share commits, until one is refused.
+		for full := false; !full; {
+			var ps []*Pending
+			for range 256 {
+				m := msg(ClassTelemetry, reading("k", next))
+				m.Key = &Key{Space: "mqtt", ID: []byte(fmt.Sprintf("key-%08d", next)), Keep: 4096}
+				ps = append(ps, b.AppendAsync(m))
+				next++
+			}
+			for _, p := range ps {
+				if _, err := p.Result(); err != nil {
+					if !errors.Is(err, ErrFull) {
+						t.Fatalf("round %d: %v", round, err)
+					}
+					full = true
+				}
+			}
+		}
+		st := b.Stats()
+		if st.KeyBytes == 0 || st.KeyBytes > 4096*accountedKey([]byte("key-00000000")) {
+			t.Fatalf("round %d: key bytes %d", round, st.KeyBytes)
+		}
+		if st.Readings == 0 {
+			t.Fatalf("round %d: the keys left no room for readings", round)
+		}
+		for {
+			batch, _ := b.Peek(1000)
+			if len(batch.Records) == 0 {
+				break
+			}
+			if err := b.Ack(batch.Stream, batch.Last(), nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if next < 4*2000 {
+		t.Fatalf("only %d messages in four fill-and-drain rounds", next)
+	}
+}

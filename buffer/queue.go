@@ -162,6 +162,10 @@ func (b *Buffer) Ack(stream [16]byte, upTo uint64, dead []DeadLetter) error {
 	b.mu.Lock()
 	b.st = next
 	b.mu.Unlock()
+	if next.readingBytes() == 0 {
+		// Empty again: whatever crowded the file has been freed.
+		b.budget = b.fullBudget
+	}
 	return nil
 }
 

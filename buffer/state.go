@@ -64,15 +64,20 @@ type state struct {
 	classes     [2]classState // indexed like Classes
 	dropped     [dropReasons]uint64
 	deadLetters int64
+	keyBytes    int64 // accounted size of the idempotency keys, every space
 }
 
-func (s *state) dataBytes() int64 {
+// readingBytes is the accounted size of the unsent readings.
+func (s *state) readingBytes() int64 {
 	var n uint64
 	for i := range s.classes {
 		n += s.classes[i].bytes
 	}
 	return int64(n)
 }
+
+// usedBytes is what counts against the budget: readings and keys.
+func (s *state) usedBytes() int64 { return s.readingBytes() + s.keyBytes }
 
 func encodeCounters(c [dropReasons]uint64) []byte {
 	var v []byte
@@ -97,6 +102,10 @@ const elementOverhead = 16
 
 func accounted(value []byte) uint64 { return uint64(8 + len(value) + elementOverhead) }
 
+// accountedKey is what one idempotency key costs: its entry in the key
+// bucket (id -> order) and in the order bucket (order -> time + id).
+func accountedKey(id []byte) int64 { return int64(2*len(id) + 8 + 8 + 8 + 2*elementOverhead) }
+
 func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), seq) }
 
 // ClassStats describes one priority class's stream.
@@ -117,6 +126,7 @@ type Stats struct {
 	Classes     []ClassStats
 	Dropped     map[DropReason]int64 // since the file was created
 	DeadLetters int64
+	KeyBytes    int64 // accounted size of the idempotency keys
 	MaxBytes    int64
 	FileBytes   int64 // the file's size on flash
 	Full        bool  // the last append found no room
@@ -132,6 +142,7 @@ func (b *Buffer) Stats() Stats {
 		Full:        full,
 		Dropped:     make(map[DropReason]int64, len(DropReasons)),
 		DeadLetters: st.deadLetters,
+		KeyBytes:    st.keyBytes,
 		MaxBytes:    b.opts.MaxBytes,
 	}
 	for i, c := range Classes {

@@ -38,6 +38,7 @@ type MQTT struct {
 	acks  chan *inflight            // decoded messages, in receive order, to acknowledge
 
 	stopping atomic.Bool  // set first when Run begins to stop
+	holding  atomic.Bool  // a message is held because the buffer refused it
 	sendMu   sync.RWMutex // held shared by onPublish while it sends on queue; Run takes it to close queue
 	mu       sync.Mutex   // guards state, lastErr
 	state    string
@@ -350,20 +351,23 @@ func (m *MQTT) decodeLoop() {
 // mqttKeysKept is how many idempotency keys the MQTT ingress keeps. A
 // redelivery can come for any message still unacknowledged, and the broker
 // decides how many that is: Mosquitto 2.0.11 was seen resending 399 messages
-// as in flight to a session whose Receive Maximum was 256, so a window of the
-// last Receive Maximum keys (what DESIGN.md first said) let duplicates in.
-// The window must also stay well below the 65,535 packet ids a broker cycles
-// through in order, or an old key could match a new message that repeats an
-// old one's id and bytes; a quarter of the id space is both.
-const mqttKeysKept = 16384
+// as in flight to a session whose Receive Maximum was 256, so the window of
+// the last Receive Maximum keys that DESIGN.md first named let duplicates in.
+// After a restart that is killed in turn, a redelivered message may also sit
+// behind another broker window of new ones. 4096 covers twice the 1,000 in
+// flight that mosquitto/gateway.conf allows, and stays far below the 65,535
+// packet ids a broker cycles through in order, so an old key cannot match a
+// new message that repeats an old one's id and bytes.
+const mqttKeysKept = 4096
 
-// messageKey is the packet id and a hash of topic and payload.
+// messageKey is the packet id and a 64-bit hash of topic and payload: within
+// the key window, a match on both is the same message.
 func messageKey(p *paho.Publish) []byte {
 	h := sha256.New()
 	h.Write([]byte(p.Topic))
 	h.Write([]byte{0})
 	h.Write(p.Payload)
-	return h.Sum(binary.BigEndian.AppendUint16(make([]byte, 0, 2+sha256.Size), p.PacketID))[:18]
+	return h.Sum(binary.BigEndian.AppendUint16(make([]byte, 0, 2+sha256.Size), p.PacketID))[:10]
 }
 
 // ackLoop waits for each message in receive order and acknowledges it once
@@ -390,7 +394,7 @@ func (m *MQTT) await(f *inflight) bool {
 		res, err := f.pending.Result()
 		switch {
 		case err == nil:
-			if held {
+			if held && m.holding.CompareAndSwap(true, false) {
 				m.log.Info("buffer has room again, mqtt ingest resumes")
 			}
 			if res.Duplicate {
@@ -409,6 +413,9 @@ func (m *MQTT) await(f *inflight) bool {
 		// path leaves it unacknowledged for the next session.
 		if !held {
 			held = true
+			if m.holding.CompareAndSwap(false, true) {
+				m.log.Warn("buffer refuses messages, holding them unacknowledged at the broker", "err", err)
+			}
 			if errors.Is(err, buffer.ErrFull) {
 				m.in.Reject(IngressMQTT, &Rejection{ReasonBufferFull, "buffer full, holding the message until there is room"})
 			} else {

@@ -205,3 +205,131 @@ func TestThroughPgBouncer(t *testing.T) {
 		t.Fatalf("%d distinct values, want 2000", n)
 	}
 }
+
+// TestShutdownFlushesAndRestartResumes: SIGTERM gives the uplink its bounded
+// flush; what it cannot upload (Postgres unreachable) stays buffered and is
+// uploaded by the next start, exactly once.
+func TestShutdownFlushesAndRestartResumes(t *testing.T) {
+	broker := testenv.StartMosquitto(t, testenv.MosquittoOptions{})
+	pg := testenv.SharedPostgres(t)
+	dsn := pg.NewDatabase(t)
+	proxy := testenv.StartProxy(t, pg.Addr())
+	cfg := gatewayConfig(t, t.TempDir(), broker.URL(), replaceHostPort(t, dsn, proxy.Addr()), testenv.FreePort(t),
+		"[buffer]\ncommit_interval = \"1ms\"\n")
+	g := startGateway(t, cfg)
+	g.waitHTTP("/readyz", 20*time.Second)
+	p := newPublisher(t, broker.Addr(), "flush-sensor")
+	waitRows(t, dsn, 1, 20*time.Second, "SELECT count(*) FROM sluice.gateways") // schema in place
+
+	proxy.Cut()
+	for i := range 1000 {
+		if err := p.publish("sensors/flush/level", []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	g.stop()
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("shutdown took %s with the database unreachable; flush_timeout is 3s", took)
+	}
+	if !strings.Contains(g.out.String(), "readings stay buffered for the next start") {
+		t.Fatalf("shutdown did not report the readings left buffered:\n%s", g.out.String())
+	}
+	if n := queryInt(t, dsn, "SELECT count(*) FROM sluice.readings"); n != 0 {
+		t.Fatalf("%d rows although the link was cut", n)
+	}
+	proxy.Heal()
+	g.start()
+	waitRows(t, dsn, 1000, 30*time.Second, "SELECT count(*) FROM sluice.readings")
+
+	// With the database reachable, SIGTERM uploads what is buffered before exiting.
+	g.stop()
+	for i := 1000; i < 1500; i++ {
+		if err := p.publish("sensors/flush/level", []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g.start()
+	g.waitHTTP("/readyz", 20*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	g.stop()
+	if n := queryInt(t, dsn, "SELECT count(*) FROM sluice.readings"); n != 1500 {
+		t.Fatalf("%d rows after the flush at shutdown, want 1500", n)
+	}
+	if n := queryInt(t, dsn, "SELECT count(DISTINCT value) FROM sluice.readings"); n != 1500 {
+		t.Fatalf("%d distinct values, want 1500", n)
+	}
+}
+
+// TestBufferFullHoldsMessages: with on_full = "reject" a full buffer holds
+// the MQTT message unacknowledged, ingest pauses, and once the uplink makes
+// room everything the broker accepted lands; nothing is dropped.
+func TestBufferFullHoldsMessages(t *testing.T) {
+	broker := testenv.StartMosquitto(t, testenv.MosquittoOptions{})
+	pg := testenv.SharedPostgres(t)
+	dsn := pg.NewDatabase(t)
+	proxy := testenv.StartProxy(t, pg.Addr())
+	cfg := gatewayConfig(t, t.TempDir(), broker.URL(), replaceHostPort(t, dsn, proxy.Addr()), testenv.FreePort(t),
+		"[buffer]\nmax_bytes = \"1MiB\"\non_full = \"reject\"\ncommit_interval = \"1ms\"\n")
+	g := startGateway(t, cfg)
+	g.waitHTTP("/readyz", 20*time.Second)
+	waitRows(t, dsn, 1, 20*time.Second, "SELECT count(*) FROM sluice.gateways")
+	proxy.Cut()
+	p := newPublisher(t, broker.Addr(), "full-sensor")
+	// 8000 readings of ~200 bytes: more than a 1 MiB buffer holds.
+	pad := strings.Repeat("x", 150)
+	const total = 8000
+	for i := range total {
+		payload := fmt.Sprintf(`{"value": "%d %s"}`, i, pad[:i%100+50])
+		if err := p.publish("sensors/full/level", []byte(payload)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The gateway reports itself full and holds the rest at the broker.
+	g.waitHTTPBody("/api/status", `"full": true`, 20*time.Second)
+	if !strings.Contains(g.metrics(), `sluice_messages_rejected_total{ingress="mqtt",reason="buffer_full"}`) {
+		t.Fatal("buffer_full rejections are not counted")
+	}
+	proxy.Heal()
+	waitRows(t, dsn, total, 120*time.Second, "SELECT count(*) FROM sluice.readings")
+	if n := queryInt(t, dsn, "SELECT count(DISTINCT value_text) FROM sluice.readings"); n != total {
+		t.Fatalf("%d distinct values, want %d", n, total)
+	}
+	if strings.Contains(g.metrics(), `sluice_readings_dropped_total{reason="buffer_full"} 1`) {
+		t.Fatal("readings were dropped under on_full = reject")
+	}
+}
+
+// TestBrokerRestartAndQueuedSession: messages published while the gateway is
+// stopped are queued by the broker for its persistent session and arrive
+// after it starts; a broker restart is ridden out by reconnecting and
+// subscribing again.
+func TestBrokerRestartAndQueuedSession(t *testing.T) {
+	broker := testenv.StartMosquitto(t, testenv.MosquittoOptions{})
+	dsn := testenv.SharedPostgres(t).NewDatabase(t)
+	g := startGateway(t, gatewayConfig(t, t.TempDir(), broker.URL(), dsn, testenv.FreePort(t), ""))
+	g.waitHTTP("/readyz", 20*time.Second)
+	g.stop()
+	p := newPublisher(t, broker.Addr(), "queued-sensor")
+	for i := range 500 {
+		if err := p.publish("sensors/queued/flow", []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g.start()
+	waitRows(t, dsn, 500, 30*time.Second, "SELECT count(*) FROM sluice.readings")
+
+	broker.Stop(t)
+	broker.Start(t)
+	g.waitHTTP("/readyz", 30*time.Second) // reconnected and subscriptions granted again
+	p2 := newPublisher(t, broker.Addr(), "queued-sensor-2")
+	for i := 500; i < 1000; i++ {
+		if err := p2.publish("sensors/queued/flow", []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitRows(t, dsn, 1000, 30*time.Second, "SELECT count(*) FROM sluice.readings")
+	if n := queryInt(t, dsn, "SELECT count(DISTINCT value) FROM sluice.readings"); n != 1000 {
+		t.Fatalf("%d distinct values, want 1000", n)
+	}
+}

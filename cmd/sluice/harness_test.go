@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -173,6 +174,35 @@ func (g *gatewayProc) waitHTTP(path string, d time.Duration) {
 		time.Sleep(25 * time.Millisecond)
 	}
 }
+
+// waitHTTPBody waits until the admin endpoint's body contains want.
+func (g *gatewayProc) waitHTTPBody(path, want string, d time.Duration) {
+	g.t.Helper()
+	deadline := time.Now().Add(d)
+	last := ""
+	for time.Now().Before(deadline) {
+		last = g.get(path)
+		if strings.Contains(last, want) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	g.t.Fatalf("%s never contained %q; last answer:\n%s", path, want, last)
+}
+
+// get returns the body of an admin endpoint ("" on error).
+func (g *gatewayProc) get(path string) string {
+	resp, err := http.Get("http://" + g.admin + path)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// metrics is the gateway's /metrics text.
+func (g *gatewayProc) metrics() string { return g.get("/metrics") }
 
 // kill SIGKILLs the process, as a power cut would stop it.
 func (g *gatewayProc) kill() {
