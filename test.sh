@@ -29,6 +29,10 @@ have mosquitto || missing+=(mosquitto)
 have mosquitto_pub || missing+=(mosquitto-clients)
 have_pg || missing+=(postgresql)
 have pgbouncer || missing+=(pgbouncer)
+have coap-client-notls || missing+=(libcoap3-bin)  # a CoAP client nobody on the team wrote, plain and DTLS
+have chromium || missing+=(chromium)          # the status page test renders in headless Chromium
+have systemd-analyze || missing+=(systemd)   # the unit's verify and security checks
+have qemu-aarch64-static || missing+=(qemu-user-static)  # the ARM builds, run under emulation
 if [ ${#missing[@]} -gt 0 ]; then
 	step "installing ${missing[*]}"
 	sudo=""
@@ -64,8 +68,23 @@ if [ ! -f "$dbdir/index/db.json" ]; then
 fi
 go run "$GOVULNCHECK" -db "file://$dbdir" ./...
 
+step "systemd unit: verify, security exposure (2.0 or lower), sysusers, tmpfiles"
+bash systemd/check.sh
+
 step "go test -race (unit and integration)"
 go test -race -count=1 -timeout 40m ./...
+
+step "make dist: static binaries for every profile's target (each under 20 MiB), .deb packages"
+scripts/dist.sh
+
+step "reproducible: the arm64 binary and package, built again elsewhere with an empty cache"
+timeout 30m scripts/check-reproducible.sh
+
+step "ARM builds under qemu-user: version, profile list, the buffer tests on arm64, armv7, armv6"
+timeout 30m scripts/check-qemu.sh
+
+step "the amd64 package: dpkg-deb --info/--contents, lintian if installed, install and purge in a scratch root"
+scripts/check-package.sh
 
 step "fuzzing, $FUZZTIME per target"
 for pkg in $(go list ./...); do

@@ -228,8 +228,20 @@ func (b *Buffer) commit(batch []*Pending) {
 			b.opts.Logger.Warn("buffer file reached its size limit, lowering the data budget",
 				"err", err, "budget_bytes", b.budget)
 		}
+		if errors.Is(err, syscall.ENOSPC) && !b.lowDisk.Load() {
+			// The filesystem is full, not the file: low disk from now on
+			// (housekeeping would see it only at its next round), so that
+			// each append makes room under the policy.
+			b.lowDisk.Store(true)
+			b.opts.Logger.Warn("buffer disk full", "err", err)
+		}
 		if b.opts.OnFull == DropOldest {
 			target := b.budget * 7 / 8
+			if b.lowDisk.Load() {
+				// Free pages for the retry: a transaction cannot reuse the
+				// pages its own deletes free.
+				target = min(target, base.usedBytes()*15/16)
+			}
 			if eerr := b.writeStateLocked(func(t *txn) error { return t.evictUntil(target) }); eerr != nil {
 				b.opts.Logger.Warn("buffer eviction failed", "err", eerr)
 			}
@@ -300,7 +312,7 @@ func (t *txn) append(m *Message) (Result, error) {
 		return Result{}, fmt.Errorf("%w: %d bytes, budget %d", ErrTooLarge, need, t.b.fullBudget)
 	}
 	limit := t.b.budget
-	if t.b.lowDisk {
+	if t.b.lowDisk.Load() {
 		limit = min(limit, t.st.usedBytes())
 	}
 	if m.Key != nil {
@@ -344,13 +356,18 @@ func (t *txn) evictUntil(target int64) error {
 		cs := &t.st.classes[ci]
 		q := t.tx.Bucket(queueBucket(Classes[ci]))
 		c := q.Cursor()
-		for k, v := c.First(); k != nil && t.st.usedBytes() > target; k, v = c.First() {
-			if err := c.Delete(); err != nil {
-				return err
-			}
+		// Seek past the deleted key, not First: leaves emptied in this
+		// transaction stay until commit and First walks them all, which made
+		// a large eviction quadratic.
+		var at [8]byte // the deleted key: sequence numbers are 8 bytes
+		for k, v := c.First(); k != nil && t.st.usedBytes() > target; k, v = c.Seek(at[:]) {
 			cs.readings--
 			cs.bytes -= accounted(v)
 			t.st.dropped[DropFull]++
+			copy(at[:], k)
+			if err := c.Delete(); err != nil {
+				return err
+			}
 		}
 		cs.oldest = headReceived(q)
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -59,7 +60,7 @@ type Buffer struct {
 	full       bool          // the last append found no room
 	budget     int64         // data bytes the file may hold now; lowered when bbolt hits MaxSize (writeMu)
 	fullBudget int64         // the budget MaxBytes allows; budget returns to it once the queue is empty
-	lowDisk    bool          // the filesystem is below MinFreeDisk (committer only)
+	lowDisk    atomic.Bool   // the filesystem is below MinFreeDisk: set by the committer, read by every writer
 	rec        *Recovery     // what Open had to do, if anything
 
 	gatewayID, site string // as stored in the file
@@ -151,6 +152,9 @@ func (b *Buffer) openFile() error {
 // openDB opens the bbolt file, turning a panic or memory fault inside bbolt
 // (a torn file after power loss) into an error.
 func (b *Buffer) openDB() (db *bolt.DB, err error) {
+	if err := walkPages(b.path); err != nil {
+		return nil, err
+	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
@@ -171,6 +175,50 @@ func (b *Buffer) openDB() (db *bolt.DB, err error) {
 		return nil, fmt.Errorf("open %s: %w", b.path, err)
 	}
 	return db, nil
+}
+
+// walkPages reads every page of an existing file read-only, here, where a
+// panic or memory fault becomes an error. A read-write bolt.Open rebuilds the
+// freelist (NoFreelistSync) by walking the pages on a goroutine of its own,
+// where a damaged page crashes the process, at every start.
+func walkPages(path string) (err error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil // no file yet, or one Open reports on
+	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("read %s: bbolt panicked: %v", path, r)
+		}
+	}()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return fmt.Errorf("open %s: %w", path, ErrLocked)
+	}
+	if err != nil {
+		return fmt.Errorf("open %s: %w", path, err)
+	}
+	defer db.Close()
+	return db.View(func(tx *bolt.Tx) error {
+		if tx.Size() > fi.Size() {
+			return fmt.Errorf("read %s: %d bytes, but its pages reach to byte %d (torn)", path, fi.Size(), tx.Size())
+		}
+		return tx.ForEach(func(_ []byte, bk *bolt.Bucket) error { return walkBucket(bk) })
+	})
+}
+
+// walkBucket visits every element of bk and its sub-buckets, and so every
+// branch and leaf page they live on.
+func walkBucket(bk *bolt.Bucket) error {
+	return bk.ForEach(func(k, v []byte) error {
+		if v == nil {
+			if sub := bk.Bucket(k); sub != nil {
+				return walkBucket(sub)
+			}
+		}
+		return nil
+	})
 }
 
 // moveAside renames a damaged file so that a new one can start, and records

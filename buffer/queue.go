@@ -246,10 +246,10 @@ func (b *Buffer) housekeep() {
 	if err := unix.Statfs(b.opts.Dir, &fs); err == nil {
 		free := int64(fs.Bavail) * int64(fs.Bsize)
 		low := free < b.opts.MinFreeDisk
-		if low != b.lowDisk {
+		if low != b.lowDisk.Load() {
 			b.opts.Logger.Warn("buffer disk space", "low", low, "free_bytes", free, "min_free_disk", b.opts.MinFreeDisk)
 		}
-		b.lowDisk = low
+		b.lowDisk.Store(low)
 	}
 	if b.opts.MaxAge <= 0 {
 		return

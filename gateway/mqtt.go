@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -14,6 +13,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -160,6 +160,12 @@ func (m *MQTT) clientConfig() (autopaho.ClientConfig, error) {
 		ConnectPassword:               []byte(m.opts.Password),
 		OnConnectionUp:                m.onConnectionUp,
 		OnConnectError: func(err error) {
+			var ce *autopaho.ConnackError
+			if errors.As(err, &ce) {
+				// Say what the broker said, not just its code.
+				reason, _, _ := strings.Cut((&packets.Connack{ReasonCode: ce.ReasonCode}).Reason(), " - ")
+				err = fmt.Errorf("broker refused the connection: %s (reason code %#x)", reason, ce.ReasonCode)
+			}
 			m.setState(StateDisconnected, err)
 		},
 		OnConnectionDown: func() bool {
@@ -208,32 +214,6 @@ func reconnectBackoff() func(int) time.Duration {
 		}
 		return exp(attempt)
 	}
-}
-
-// bufferedConn reads through a buffer: paho reads a packet in several small
-// reads (type, length bytes, body), each a syscall without it.
-type bufferedConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
-func dialBuffered(ctx context.Context, tc *tls.Config, u *url.URL) (net.Conn, error) {
-	var conn net.Conn
-	var err error
-	if u.Scheme == "mqtts" {
-		d := tls.Dialer{Config: tc}
-		conn, err = d.DialContext(ctx, "tcp", u.Host)
-	} else {
-		var d net.Dialer
-		conn, err = d.DialContext(ctx, "tcp", u.Host)
-	}
-	if err != nil {
-		return nil, err
-	}
-	// Writes come from several paho goroutines; a TLS connection needs the lock.
-	return packets.NewThreadSafeConn(&bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, 32<<10)}), nil
 }
 
 func tlsConfig(caFile, certFile, keyFile, serverName string) (*tls.Config, error) {

@@ -137,5 +137,6 @@ type Report struct {
 	ReadingsIn    int64 // readings accepted since start
 	Rejected      int64 // messages rejected since start
 	ClockSynced   bool
-	DiskFreeBytes int64 // -1 when unknown
+	DiskFreeBytes int64          // -1 when unknown
+	Sensors       []SensorReport // per-sensor health, upserted into sluice.sensors
 }

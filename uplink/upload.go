@@ -11,8 +11,9 @@ import (
 	"github.com/sluice-gw/sluice/buffer"
 )
 
-// readingColumns are sluice.readings' columns in COPY order.
-var readingColumns = []string{
+// ReadingColumns are sluice.readings' columns in COPY order, as
+// AppendReadingRow fills them.
+var ReadingColumns = []string{
 	"gateway_id", "site", "name", "sensor", "metric", "unit", "ts",
 	"value", "value_text", "value_bool", "value_data", "value_sum",
 	"sensor_seq", "received_at", "clock_synced",
@@ -134,7 +135,7 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 	if _, err := tx.Exec(ctx, sqlTempTable); err != nil {
 		return 0, 0, fmt.Errorf("create batch table: %w", err)
 	}
-	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"sluice_batch"}, readingColumns, &copySource{u: u, recs: todo}); err != nil {
+	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"sluice_batch"}, ReadingColumns, &copySource{u: u, recs: todo}); err != nil {
 		return 0, 0, fmt.Errorf("copy batch: %w", err)
 	}
 	post := &pgx.Batch{}
@@ -160,7 +161,7 @@ type copySource struct {
 	u    *Uplink
 	recs []buffer.Record
 	i    int
-	row  [15]any
+	row  []any // reused for every row
 }
 
 func (c *copySource) Next() bool {
@@ -169,7 +170,13 @@ func (c *copySource) Next() bool {
 }
 
 func (c *copySource) Values() ([]any, error) {
-	r := &c.recs[c.i-1].Reading
+	c.row = AppendReadingRow(c.row[:0], c.u.opts.GatewayID, c.u.opts.Site, &c.recs[c.i-1].Reading)
+	return c.row, nil
+}
+
+// AppendReadingRow appends r's values in ReadingColumns order to dst, for a
+// reading of gatewayID at site.
+func AppendReadingRow(dst []any, gatewayID, site string, r *buffer.Reading) []any {
 	var value, sum, seq any
 	var text, boolean, data any
 	switch r.Kind {
@@ -188,12 +195,9 @@ func (c *copySource) Values() ([]any, error) {
 	if r.HasSensorSeq {
 		seq = r.SensorSeq
 	}
-	c.row = [15]any{
-		c.u.opts.GatewayID, c.u.opts.Site, r.Name, r.Sensor, r.Metric, r.Unit, r.Time,
+	return append(dst, gatewayID, site, r.Name, r.Sensor, r.Metric, r.Unit, r.Time,
 		value, text, boolean, data, sum,
-		seq, r.Received, r.ClockSynced,
-	}
-	return c.row[:], nil
+		seq, r.Received, r.ClockSynced)
 }
 
 func (c *copySource) Err() error { return nil }

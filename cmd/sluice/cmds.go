@@ -5,10 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/BurntSushi/toml"
@@ -75,20 +78,35 @@ type profileCmd struct {
 
 type profileListCmd struct{}
 
+// Run prints one line per profile with the values a technician compares
+// boards by; `make dist` reads the TARGET column.
 func (profileListCmd) Run() error {
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "PROFILE\tTARGET\tBUFFER\tCOMMIT\tMEMORY\tBOARD")
 	for _, name := range firmwareprofiles.Names() {
+		cfg, err := LoadConfig("", name)
+		if err != nil {
+			return err
+		}
 		text, _ := firmwareprofiles.Read(name)
-		var p struct {
-			Build BuildSection `toml:"build"`
+		memory := "-"
+		if cfg.Runtime.MemoryLimit.Bytes > 0 {
+			b, _ := cfg.Runtime.MemoryLimit.MarshalText()
+			memory = string(b)
 		}
-		_, _ = toml.Decode(string(text), &p)
-		target := p.Build.GOOS + "/" + p.Build.GOARCH
-		if p.Build.GOARM != "" {
-			target += "/v" + p.Build.GOARM
-		}
-		fmt.Printf("%-10s %-16s %s\n", name, target, firstComment(string(text)))
+		buf, _ := cfg.Buffer.MaxBytes.MarshalText()
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", name, cfg.Build.target(), buf, cfg.Buffer.CommitInterval, memory, firstComment(string(text)))
 	}
-	return nil
+	return w.Flush()
+}
+
+// target is the build target as GOOS/GOARCH[/vGOARM], e.g. linux/arm/v7.
+func (b BuildSection) target() string {
+	t := b.GOOS + "/" + b.GOARCH
+	if b.GOARM != "" {
+		t += "/v" + b.GOARM
+	}
+	return t
 }
 
 // firstComment is the first line of a profile's leading prose.
@@ -159,24 +177,39 @@ func redactDSN(dsn string) string {
 }
 
 type statusCmd struct {
-	Config string `help:"Config file (to find the admin address)." type:"path" placeholder:"FILE"`
-	Admin  string `help:"Admin URL of the running gateway." default:"http://127.0.0.1:9180" placeholder:"URL"`
-	JSON   bool   `help:"Print the raw JSON status." name:"json"`
+	Config    string `help:"Config file (to find the admin address and token)." type:"path" placeholder:"FILE"`
+	Admin     string `help:"Admin URL of the running gateway." default:"http://127.0.0.1:9180" placeholder:"URL"`
+	TokenFile string `help:"File holding the admin token (when the admin endpoint needs one)." name:"token-file" placeholder:"FILE"`
+	JSON      bool   `help:"Print the raw JSON status." name:"json"`
 }
 
 func (s *statusCmd) Run() error {
-	base := s.Admin
+	base, tokenFile := s.Admin, s.TokenFile
 	if s.Config != "" {
 		cfg, err := LoadConfig(s.Config, "")
 		if err != nil {
 			return err
 		}
-		base = "http://" + cfg.Admin.Listen
+		base = "http://" + dialableAdmin(cfg.Admin.Listen)
+		if tokenFile == "" {
+			tokenFile = cfg.Admin.TokenFile
+		}
+	}
+	req, err := http.NewRequest(http.MethodGet, strings.TrimRight(base, "/")+"/api/status", nil)
+	if err != nil {
+		return usageError{fmt.Errorf("status: admin URL %q: %w", base, err)}
+	}
+	if tokenFile != "" {
+		tok, err := readSecret(tokenFile)
+		if err != nil {
+			return fmt.Errorf("status: admin token: %w", err)
+		}
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(tok))
 	}
 	client := &http.Client{Timeout: 5 * time.Second}
-	resp, err := client.Get(strings.TrimRight(base, "/") + "/api/status")
+	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("status: is the gateway running? %w", err)
+		return fmt.Errorf("status: cannot reach the gateway at %s (is sluice running?): %w", base, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -191,32 +224,82 @@ func (s *statusCmd) Run() error {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(st)
 	} else {
-		printStatus(st)
+		printStatus(os.Stdout, st)
 	}
-	if st.Health != "ok" {
-		return fmt.Errorf("gateway %s is %s: %s", st.Gateway.ID, st.Health, strings.Join(st.Reasons, "; "))
+	if st.Health != gateway.HealthOK {
+		return fmt.Errorf("gateway %s is %s", st.Gateway.ID, st.Health)
 	}
 	return nil
 }
 
-func printStatus(st gateway.Status) {
-	fmt.Printf("gateway  %s  site %s  profile %s  version %s  up %s\n", st.Gateway.ID, st.Gateway.Site,
-		st.Gateway.Profile, st.Gateway.Version, (time.Duration(st.Gateway.UptimeSeconds) * time.Second).String())
-	fmt.Printf("health   %s\n", strings.ToUpper(st.Health))
-	for _, in := range st.Ingress {
-		line := fmt.Sprintf("ingress  %-5s %s", in.Name, in.State)
-		if in.LastError != "" {
-			line += "  (" + in.LastError + ")"
+// dialableAdmin turns a listen address into one a client can dial: a
+// wildcard host is reached on loopback.
+func dialableAdmin(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+var healthWords = map[string]string{
+	gateway.HealthOK:       "HEALTHY",
+	gateway.HealthDegraded: "NEEDS ATTENTION",
+	gateway.HealthFailing:  "NOT WORKING",
+}
+
+func printStatus(w io.Writer, st gateway.Status) {
+	g := st.Gateway
+	profile := g.Profile
+	if profile == "" {
+		profile = "-"
+	}
+	fmt.Fprintf(w, "%s  site %s  profile %s  version %s  up %s\n", g.ID, g.Site, profile, g.Version,
+		time.Duration(g.UptimeSeconds*float64(time.Second)).Round(time.Second))
+	verdict := healthWords[st.Health]
+	if verdict == "" {
+		verdict = strings.ToUpper(st.Health)
+	}
+	fmt.Fprintf(w, "health   %s\n", verdict)
+	for _, c := range st.Checks {
+		fmt.Fprintf(w, "  %-4s  %-8s %s\n", c.Level, c.Part, c.Text)
+	}
+	b := st.Buffer
+	var dropped int64
+	for _, n := range b.Dropped {
+		dropped += n
+	}
+	fmt.Fprintf(w, "buffer   %d readings, %s of %s, oldest %.0fs, dropped %d, dead letters %d\n",
+		b.Readings, sizeString(b.Bytes), sizeString(b.MaxBytes), b.OldestAgeSeconds, dropped, b.DeadLetters)
+	u := st.Uplink
+	last := "never"
+	if !u.LastSuccess.IsZero() {
+		last = time.Since(u.LastSuccess).Round(time.Second).String() + " ago"
+	}
+	fmt.Fprintf(w, "uplink   %s, last success %s, lag %.0fs, uploaded %d, schema v%d\n", u.State, last, u.LagSeconds, u.Uploaded, u.SchemaVersion)
+	var stale, gaps int64
+	for _, se := range st.Sensors {
+		gaps += se.Gaps
+		if se.Stale {
+			stale++
 		}
-		fmt.Println(line)
 	}
-	fmt.Printf("buffer   %d readings, %d bytes of %d, oldest %.0fs, dead letters %d, dropped %v\n",
-		st.Buffer.Readings, st.Buffer.Bytes, st.Buffer.MaxBytes, st.Buffer.OldestAgeSeconds, st.Buffer.DeadLetters, st.Buffer.Dropped)
-	fmt.Printf("uplink   %s, lag %.0fs, uploaded %d", st.Uplink.State, st.Uplink.LagSeconds, st.Uplink.Uploaded)
-	if st.Uplink.LastError != "" {
-		fmt.Printf(", last error: %s", st.Uplink.LastError)
+	fmt.Fprintf(w, "sensors  %d tracked, %d stale, %d gaps\n", len(st.Sensors), stale, gaps)
+}
+
+// sizeString prints bytes with a binary unit.
+func sizeString(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
 	}
-	fmt.Println()
-	fmt.Printf("clock    synced=%v (%s)\n", st.Clock.Synced, st.Clock.Source)
-	fmt.Printf("sensors  %d\n", len(st.Sensors))
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 3; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGT"[exp])
 }

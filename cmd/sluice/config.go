@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -117,8 +119,8 @@ type UplinkSection struct {
 
 // AdminSection is [admin].
 type AdminSection struct {
-	Listen    string `toml:"listen"` // (default "127.0.0.1:9180")
-	TokenFile string `toml:"token_file"`
+	Listen    string `toml:"listen"`     // (default "127.0.0.1:9180")
+	TokenFile string `toml:"token_file"` // required when listen is not loopback
 }
 
 // LogSection is [log].
@@ -333,12 +335,20 @@ func (c *Config) validate() []error {
 	if c.Uplink.DSN == "" && c.Uplink.DSNFile == "" {
 		errs = append(errs, errors.New("uplink.dsn: no central database: set dsn_file (or dsn)"))
 	}
+	if _, _, err := net.SplitHostPort(c.Admin.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("admin.listen: %q is not host:port", c.Admin.Listen))
+	} else if c.Admin.TokenFile == "" && !gateway.IsLoopback(c.Admin.Listen) {
+		errs = append(errs, fmt.Errorf("admin.token_file: required when admin.listen (%s) is not a loopback address: every endpoint but /healthz then needs the token", c.Admin.Listen))
+	}
 	if c.MQTT.Broker == "" && c.CoAP.Listen == "" && c.CoAP.DTLSListen == "" {
 		errs = append(errs, errors.New("mqtt.broker: no ingress: set [mqtt] broker or [coap] listen"))
 	}
 	mqttOpts, mqttErrs := c.mqttOptions(false)
 	errs = append(errs, mqttErrs...)
 	add("mqtt", mqttOpts.Validate())
+	coapOpts, coapErrs := c.coapOptions(false)
+	errs = append(errs, coapErrs...)
+	add("coap", coapOpts.Validate())
 	add("ingest", c.ingestOptions().Validate())
 	add("buffer", c.bufferOptions().Validate())
 	up := c.uplinkOptions("")
@@ -405,6 +415,41 @@ func (c *Config) mqttOptions(secrets bool) (gateway.MQTTOptions, []error) {
 	return o, errs
 }
 
+// coapOptions maps [coap]; with secrets it also reads and parses psk_file.
+func (c *Config) coapOptions(secrets bool) (gateway.CoAPOptions, []error) {
+	o := gateway.CoAPOptions{
+		Listen:     c.CoAP.Listen,
+		DTLSListen: c.CoAP.DTLSListen,
+		PSKFile:    c.CoAP.PSKFile,
+		CAFile:     c.CoAP.CAFile,
+		CertFile:   c.CoAP.CertFile,
+		KeyFile:    c.CoAP.KeyFile,
+	}
+	if !secrets || c.CoAP.PSKFile == "" || c.CoAP.DTLSListen == "" {
+		return o, nil
+	}
+	t, err := c.coapPSK()
+	if err != nil {
+		return o, []error{err}
+	}
+	o.PSK = t
+	return o, nil
+}
+
+// coapPSK reads and parses psk_file, refusing a file other users can read;
+// also what a reload on SIGHUP calls.
+func (c *Config) coapPSK() (*gateway.PSKTable, error) {
+	text, err := readSecret(c.CoAP.PSKFile)
+	if err != nil {
+		return nil, fmt.Errorf("coap.psk_file: %w", err)
+	}
+	t, err := gateway.ParsePSK(text)
+	if err != nil {
+		return nil, fmt.Errorf("coap.psk_file: %s: %w", c.CoAP.PSKFile, err)
+	}
+	return t, nil
+}
+
 func (c *Config) bufferOptions() buffer.Options {
 	return buffer.Options{
 		Dir:            c.Gateway.DataDir,
@@ -436,16 +481,37 @@ func (c *Config) uplinkOptions(dsn string) uplink.Options {
 	}
 }
 
-// resolveDSN returns the DSN from dsn or dsn_file.
+// resolveDSN returns the DSN from dsn or dsn_file. A TLS client key it names
+// (sslkey) is held to the same rule as a secret file: libpq refuses a key
+// others can read, and so do we.
 func (c *Config) resolveDSN() (string, error) {
-	if c.Uplink.DSNFile == "" {
-		return c.Uplink.DSN, nil
+	dsn := c.Uplink.DSN
+	if c.Uplink.DSNFile != "" {
+		s, err := readSecret(c.Uplink.DSNFile)
+		if err != nil {
+			return "", fmt.Errorf("uplink.dsn_file: %w", err)
+		}
+		dsn = strings.TrimSpace(s)
 	}
-	s, err := readSecret(c.Uplink.DSNFile)
-	if err != nil {
-		return "", fmt.Errorf("uplink.dsn_file: %w", err)
+	if key := dsnParam(dsn, "sslkey"); key != "" {
+		if _, err := readSecret(key); err != nil {
+			return "", fmt.Errorf("uplink.dsn: sslkey: %w", err)
+		}
 	}
-	return strings.TrimSpace(s), nil
+	return dsn, nil
+}
+
+// dsnParam reads one parameter of a URL or key=value connection string.
+func dsnParam(dsn, name string) string {
+	if u, err := url.Parse(dsn); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		return u.Query().Get(name)
+	}
+	for _, f := range strings.Fields(dsn) {
+		if v, ok := strings.CutPrefix(f, name+"="); ok {
+			return strings.Trim(v, "'")
+		}
+	}
+	return ""
 }
 
 func defaultString(s, def string) string {

@@ -226,3 +226,26 @@ func captureStderr(t *testing.T, fn func()) string {
 	w.Close()
 	return <-done
 }
+
+func TestDSNClientKeyReadableByOthersIsRefused(t *testing.T) {
+	key := filepath.Join(t.TempDir(), "client.key")
+	if err := os.WriteFile(key, []byte("key"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	for _, dsn := range []string{
+		"postgres://u@h/db?sslmode=verify-full&sslkey=" + key,
+		"host=h user=u sslmode=verify-full sslkey=" + key,
+	} {
+		c := Config{Uplink: UplinkSection{DSN: dsn}}
+		if _, err := c.resolveDSN(); err == nil || !strings.Contains(err.Error(), "uplink.dsn: sslkey:") {
+			t.Errorf("%s: %v", dsn, err)
+		}
+	}
+	if err := os.Chmod(key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := Config{Uplink: UplinkSection{DSN: "postgres://u@h/db?sslkey=" + key}}
+	if _, err := c.resolveDSN(); err != nil {
+		t.Fatalf("a 0600 key was refused: %v", err)
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -372,4 +373,17 @@ func doubledValues(t *testing.T, dsn, sensor string) string {
 		detail, _ = pgx.CollectRows(rows, pgx.RowTo[string])
 	}
 	return fmt.Sprint(vals, " first: ", detail)
+}
+
+// asExit reports whether err is a process's non-zero exit.
+func asExit(err error, ee **exec.ExitError) bool { return errors.As(err, ee) }
+
+// withKeys adds lines to a section of a test config, right under its header.
+func withKeys(t *testing.T, cfg, section string, lines ...string) string {
+	t.Helper()
+	header := "[" + section + "]\n"
+	if !strings.Contains(cfg, header) {
+		t.Fatalf("config has no %s section", header)
+	}
+	return strings.Replace(cfg, header, header+strings.Join(lines, "\n")+"\n", 1)
 }

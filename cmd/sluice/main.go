@@ -29,13 +29,17 @@ func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
 type cli struct {
-	Run     runCmd     `cmd:"" help:"Run the gateway."`
-	Status  statusCmd  `cmd:"" help:"Ask a running gateway how it is."`
-	Migrate migrateCmd `cmd:"" help:"Apply the central schema (with the schema owner's role)."`
-	Buffer  bufferCmd  `cmd:"" help:"Inspect, export or import the local buffer (daemon stopped)."`
-	Profile profileCmd `cmd:"" help:"List or show the firmware profiles."`
-	Config  configCmd  `cmd:"" help:"Show the effective config."`
-	Version versionCmd `cmd:"" help:"Print the version."`
+	Run       runCmd       `cmd:"" help:"Run the gateway."`
+	Status    statusCmd    `cmd:"" help:"Ask a running gateway how it is."`
+	Doctor    doctorCmd    `cmd:"" help:"Check a gateway's config, disk, clock, broker, database and ports, with the fix for each failure."`
+	Fleet     fleetCmd     `cmd:"" help:"The central view: every gateway's uplink health, worst first."`
+	Migrate   migrateCmd   `cmd:"" help:"Apply the central schema (with the schema owner's role)."`
+	Buffer    bufferCmd    `cmd:"" help:"Inspect, export or import the local buffer (daemon stopped)."`
+	Profile   profileCmd   `cmd:"" help:"List or show the firmware profiles."`
+	Provision provisionCmd `cmd:"" help:"Write and check a new gateway's config (with --out, a bundle to copy onto it)."`
+	Simulate  simulateCmd  `cmd:"" help:"Send realistic grid and water sensor readings over MQTT or CoAP (an end-to-end check, a load generator)."`
+	Config    configCmd    `cmd:"" help:"Show the effective config."`
+	Version   versionCmd   `cmd:"" help:"Print the version."`
 }
 
 func main() {

@@ -7,8 +7,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"reflect"
 	"runtime/debug"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -24,30 +27,110 @@ import (
 
 type runCmd struct {
 	configFlags
+	LogFormat string `help:"Log format, overriding [log] format (json suits journald's structured fields)." enum:",text,json" default:"" name:"log-format" placeholder:"text|json"`
 }
 
 func (r *runCmd) Run() error {
-	cfg, err := r.load("run")
+	load := func() (*Config, error) {
+		cfg, err := r.load("run")
+		if err == nil && r.LogFormat != "" {
+			cfg.Log.Format = r.LogFormat
+		}
+		return cfg, err
+	}
+	cfg, err := load()
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg.Log, os.Stderr)
+	level := new(slog.LevelVar)
+	log := newLogger(cfg.Log, level, os.Stderr)
 	if cfg.Runtime.MemoryLimit.Bytes > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(cfg.Runtime.MemoryLimit.Bytes)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return runGateway(ctx, cfg, log)
+	return runGateway(ctx, cfg, log, &reloader{load: load, level: level})
 }
 
-func newLogger(c LogSection, w *os.File) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level))
+// newLogger logs to w (stderr: journald under systemd) at a level that
+// SIGHUP may change through level.
+func newLogger(c LogSection, level *slog.LevelVar, w *os.File) *slog.Logger {
+	level.Set(logLevel(c.Level))
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func logLevel(s string) slog.Level {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(s))
+	return l
+}
+
+// reloader re-reads the config on SIGHUP and applies what can change while
+// running; everything else is logged as needing a restart.
+type reloader struct {
+	load  func() (*Config, error)
+	level *slog.LevelVar
+}
+
+func (rl *reloader) reload(p *gatewayParts) {
+	next, err := rl.load()
+	if err != nil {
+		p.log.Error("reload refused: the config has problems; keeping the running one", "err", err)
+		return
+	}
+	if next.Log.Level != p.cfg.Log.Level {
+		rl.level.Set(logLevel(next.Log.Level))
+		p.cfg.Log.Level = next.Log.Level
+		p.log.Info("reload: log level changed", "level", next.Log.Level)
+	}
+	// Reloadable keys are applied here; the rest of a changed config only
+	// takes effect at the next start.
+	var restart []string
+	for _, key := range configDiff(p.cfg, next) {
+		if key != "log.level" && key != "coap.psk_file" {
+			restart = append(restart, key)
+		}
+	}
+	// The PSK file is re-read even when its name is unchanged: its keys are
+	// what a reload is for. Sessions of unchanged identities stay up.
+	if p.coap != nil && next.CoAP.PSKFile != "" && next.CoAP.DTLSListen != "" {
+		if t, err := next.coapPSK(); err != nil {
+			p.log.Error("reload: psk_file refused, keeping the old keys", "err", err)
+		} else {
+			kept, closed := p.coap.ReloadPSK(t)
+			p.log.Info("reload: psk_file applied", "sessions_kept", kept, "sessions_closed", closed)
+		}
+	}
+	if len(restart) > 0 {
+		p.log.Warn("reload: these changes need a restart (systemctl restart sluice)", "keys", strings.Join(restart, ","))
+	}
+	p.log.Info("reload done")
+}
+
+// configDiff lists the keys ("section.key") whose values differ.
+func configDiff(a, b *Config) []string {
+	var keys []string
+	av, bv := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
+	for i := range av.NumField() {
+		f := av.Type().Field(i)
+		section := strings.Split(f.Tag.Get("toml"), ",")[0]
+		if f.Type.Kind() != reflect.Struct {
+			if !reflect.DeepEqual(av.Field(i).Interface(), bv.Field(i).Interface()) {
+				keys = append(keys, section)
+			}
+			continue
+		}
+		for j := range f.Type.NumField() {
+			if !reflect.DeepEqual(av.Field(i).Field(j).Interface(), bv.Field(i).Field(j).Interface()) {
+				keys = append(keys, section+"."+strings.Split(f.Type.Field(j).Tag.Get("toml"), ",")[0])
+			}
+		}
+	}
+	return keys
 }
 
 // gatewayParts are the running pieces, built by assemble and supervised by runGateway.
@@ -58,10 +141,13 @@ type gatewayParts struct {
 	clock  *gateway.Clock
 	ingest *gateway.Ingest
 	mqtt   *gateway.MQTT
+	coap   *gateway.CoAP
 	up     *uplink.Uplink
 	admin  *gateway.Admin
 	reg    *prometheus.Registry
 	start  time.Time
+	// stopping is set when shutdown begins: /readyz says so from then on.
+	stopping atomic.Bool
 }
 
 // assemble builds every part from the config. What it opened is closed by
@@ -75,7 +161,8 @@ func assemble(cfg *Config, log *slog.Logger) (*gatewayParts, error) {
 		return nil, &ConfigError{[]error{err}}
 	}
 	mqttOpts, errs := cfg.mqttOptions(true)
-	if len(errs) > 0 {
+	coapOpts, coapErrs := cfg.coapOptions(true)
+	if errs = append(errs, coapErrs...); len(errs) > 0 {
 		return nil, &ConfigError{errs}
 	}
 
@@ -94,8 +181,16 @@ func assemble(cfg *Config, log *slog.Logger) (*gatewayParts, error) {
 
 	p.clock = gateway.NewClock(gateway.ClockMode(cfg.Gateway.Clock))
 	p.ingest = gateway.NewIngest(cfg.ingestOptions(), p.clock, log.With("component", "ingest"), p.reg)
+	p.reg.MustRegister(p.ingest.Tracker())
 	if mqttOpts.Broker != "" {
 		p.mqtt, err = gateway.NewMQTT(mqttOpts, cfg.Gateway.ID, p.ingest, p.buf, log.With("component", "mqtt"))
+		if err != nil {
+			p.close()
+			return nil, err
+		}
+	}
+	if coapOpts.Enabled() {
+		p.coap, err = gateway.NewCoAP(coapOpts, p.ingest, p.buf, log.With("component", "coap"))
 		if err != nil {
 			p.close()
 			return nil, err
@@ -114,7 +209,16 @@ func assemble(cfg *Config, log *slog.Logger) (*gatewayParts, error) {
 		return nil, err
 	}
 
-	p.admin, err = gateway.NewAdmin(gateway.AdminOptions{Listen: cfg.Admin.Listen}, p.reg, p.status, p.ready, log.With("component", "admin"))
+	adminOpts := gateway.AdminOptions{Listen: cfg.Admin.Listen, Backlog: func() int64 { return p.buf.Stats().Readings }}
+	if cfg.Admin.TokenFile != "" {
+		tok, err := readSecret(cfg.Admin.TokenFile)
+		if err != nil {
+			p.close()
+			return nil, &ConfigError{[]error{fmt.Errorf("admin.token_file: %w", err)}}
+		}
+		adminOpts.Token = strings.TrimSpace(tok)
+	}
+	p.admin, err = gateway.NewAdmin(adminOpts, p.reg, p.status, p.ready, log.With("component", "admin"))
 	if err != nil {
 		p.close()
 		return nil, err
@@ -133,10 +237,14 @@ func (p *gatewayParts) close() {
 	}
 }
 
-// report gathers the heartbeat's gateway figures.
+// report gathers the heartbeat's gateway figures and sensor health.
 func (p *gatewayParts) report() uplink.Report {
 	in, rej := p.ingest.Counts()
-	return uplink.Report{ReadingsIn: in, Rejected: rej, ClockSynced: p.clock.Synced(), DiskFreeBytes: diskFree(p.cfg.Gateway.DataDir)}
+	r := uplink.Report{ReadingsIn: in, Rejected: rej, ClockSynced: p.clock.Synced(), DiskFreeBytes: diskFree(p.cfg.Gateway.DataDir)}
+	for _, s := range p.ingest.Tracker().Sensors() {
+		r.Sensors = append(r.Sensors, uplink.SensorReport{Sensor: s.Sensor, LastSeenAge: s.AgeSeconds, Readings: s.Readings, Gaps: s.Gaps, Stale: s.Stale})
+	}
+	return r
 }
 
 func diskFree(dir string) int64 {
@@ -149,13 +257,41 @@ func diskFree(dir string) int64 {
 
 // ready: the buffer is open and at least one ingress is up.
 func (p *gatewayParts) ready() error {
-	if p.mqtt != nil {
-		if st, lastErr := p.mqtt.State(); st != gateway.StateConnected {
-			return fmt.Errorf("mqtt %s: %s", st, lastErr)
-		}
-		return nil
+	if p.stopping.Load() {
+		return errors.New("shutting down")
 	}
-	return errors.New("no ingress is up")
+	var down []string
+	for _, in := range p.ingresses() {
+		if in.Up {
+			return nil
+		}
+		down = append(down, fmt.Sprintf("%s %s%s", in.Name, in.State, errSuffix(in.LastError)))
+	}
+	if len(down) == 0 {
+		return errors.New("no ingress is configured")
+	}
+	return fmt.Errorf("no ingress is up: %s", strings.Join(down, "; "))
+}
+
+// ingresses are the ways in and their states.
+func (p *gatewayParts) ingresses() []gateway.IngressStatus {
+	var out []gateway.IngressStatus
+	if p.mqtt != nil {
+		state, lastErr := p.mqtt.State()
+		out = append(out, gateway.IngressStatus{Name: gateway.IngressMQTT, State: state, Up: state == gateway.StateConnected, LastError: lastErr})
+	}
+	if p.coap != nil {
+		state, lastErr := p.coap.State()
+		out = append(out, gateway.IngressStatus{Name: gateway.IngressCoAP, State: state, Up: state == gateway.StateListening, LastError: lastErr})
+	}
+	return out
+}
+
+func errSuffix(err string) string {
+	if err == "" {
+		return ""
+	}
+	return " (" + err + ")"
 }
 
 func (p *gatewayParts) status() gateway.Status {
@@ -166,13 +302,15 @@ func (p *gatewayParts) status() gateway.Status {
 		Gateway: gateway.GatewayStatus{ID: cfg.Gateway.ID, Site: cfg.Gateway.Site, Profile: cfg.Profile,
 			Version: version, UptimeSeconds: time.Since(p.start).Seconds()},
 		Buffer: gateway.BufferStatus{Readings: st.Readings, Bytes: st.Bytes, MaxBytes: st.MaxBytes, FileBytes: st.FileBytes,
-			DeadLetters: st.DeadLetters, Full: st.Full, Dropped: map[string]int64{}},
+			DeadLetters: st.DeadLetters, Full: st.Full, OnFull: cfg.Buffer.OnFull, Dropped: map[string]int64{}},
 		Uplink: gateway.UplinkStatus{State: string(us.State), LastSuccess: us.LastSuccess, LastUpload: us.LastUpload,
-			LastHeartbeat: us.LastHeartbeat, LastError: us.LastError, SchemaVersion: us.SchemaVersion, Uploaded: us.Uploaded},
+			LastHeartbeat: us.LastHeartbeat, LastError: us.LastError, SchemaVersion: us.SchemaVersion, Uploaded: us.Uploaded,
+			LagAlertSeconds: cfg.Uplink.LagAlert.Seconds()},
 		Clock: gateway.ClockStatus{Synced: p.clock.Synced(), Source: p.clock.Source(), Mode: cfg.Gateway.Clock,
 			OffsetSeconds: p.clock.ServerOffset().Seconds()},
-		Sensors: p.ingest.Tracker().Sensors(),
-		Health:  "ok",
+		Ingress:       p.ingresses(),
+		Sensors:       p.ingest.Tracker().Sensors(),
+		SensorsHidden: p.ingest.Tracker().Untracked(),
 	}
 	for r, n := range st.Dropped {
 		s.Buffer.Dropped[r.String()] = n
@@ -184,31 +322,14 @@ func (p *gatewayParts) status() gateway.Status {
 	if rec := p.buf.Recovered(); rec != nil {
 		s.Buffer.Recovered = &gateway.RecoveryStatus{At: rec.At, MovedTo: rec.MovedTo, Reason: rec.Reason, LostReadings: rec.LostReadings}
 	}
-	if p.mqtt != nil {
-		state, lastErr := p.mqtt.State()
-		s.Ingress = append(s.Ingress, gateway.IngressStatus{Name: gateway.IngressMQTT, State: state, LastError: lastErr})
-	}
-	if err := p.ready(); err != nil {
-		s.Health = "failing"
-		s.Reasons = append(s.Reasons, err.Error())
-	}
-	if us.State == uplink.StateRetrying {
-		if s.Health == "ok" {
-			s.Health = "degraded"
-		}
-		s.Reasons = append(s.Reasons, "uplink: "+us.LastError)
-	}
-	if st.Full {
-		s.Health = "failing"
-		s.Reasons = append(s.Reasons, "buffer full")
-	}
+	s.Assess(time.Now())
 	return s
 }
 
 // runGateway runs the parts until ctx is done or one fails, then shuts down
 // in order: stop ingress (no new appends) -> in-flight appends commit and are
 // acknowledged -> the uplink gets flush_timeout to upload -> bbolt closes last.
-func runGateway(ctx context.Context, cfg *Config, log *slog.Logger) error {
+func runGateway(ctx context.Context, cfg *Config, log *slog.Logger, rl *reloader) error {
 	p, err := assemble(cfg, log)
 	if err != nil {
 		return err
@@ -236,12 +357,18 @@ func runGateway(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if p.mqtt != nil {
 		start(&ingressWG, "mqtt", p.mqtt.Run, ingressCtx)
 	}
+	if p.coap != nil {
+		start(&ingressWG, "coap", p.coap.Run, ingressCtx)
+	}
 	start(&uplinkWG, "uplink", p.up.Run, uplinkCtx)
 	start(&adminWG, "admin", p.admin.Run, adminCtx)
 
 	// READY=1: the buffer is open and the ingress listeners are started (a
 	// broker that is down is being retried, not a failed start).
 	notify(log, daemon.SdNotifyReady)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	var watchdog <-chan time.Time
 	if interval, err := daemon.SdWatchdogEnabled(false); err == nil && interval > 0 {
 		t := time.NewTicker(interval / 2)
@@ -260,8 +387,14 @@ supervise:
 			break supervise
 		case <-watchdog:
 			notify(log, daemon.SdNotifyWatchdog)
+		case <-hup:
+			if rl != nil {
+				log.Info("reloading the config (SIGHUP)")
+				rl.reload(p)
+			}
 		}
 	}
+	p.stopping.Store(true)
 	notify(log, daemon.SdNotifyStopping)
 
 	stopIngress()
