@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -90,7 +91,7 @@ type RecoveryStatus struct {
 	At           time.Time `json:"at"`
 	MovedTo      string    `json:"moved_to"`
 	Reason       string    `json:"reason"`
-	LostReadings int64     `json:"lost_readings"`
+	LostReadings int64     `json:"lost_readings"` // -1 when the file was too damaged to count
 }
 
 // UplinkStatus is the central side as the gateway sees it.
@@ -150,7 +151,11 @@ func (s *Status) Assess(now time.Time) {
 		add("buffer", LevelOK, "%d readings waiting%s", b.Readings, oldestSuffix(b.OldestAgeSeconds))
 	}
 	if b.Recovered != nil {
-		add("buffer", LevelWarn, "buffer file was damaged and moved aside at %s (%d readings lost)", b.Recovered.At.Format(time.RFC3339), b.Recovered.LostReadings)
+		lost := "an unknown number of"
+		if b.Recovered.LostReadings >= 0 {
+			lost = strconv.FormatInt(b.Recovered.LostReadings, 10)
+		}
+		add("buffer", LevelWarn, "buffer file was damaged and moved aside at %s (%s readings lost)", b.Recovered.At.Format(time.RFC3339), lost)
 	}
 
 	u := s.Uplink

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,10 @@ type MQTT struct {
 
 	queue chan paho.PublishReceived // from paho's handler goroutine to decode
 	acks  chan *inflight            // decoded messages, in receive order, to acknowledge
+
+	subs  atomic.Pointer[[]Subscription]             // the current [[mqtt.subscribe]] entries; SIGHUP swaps them
+	cm    atomic.Pointer[autopaho.ConnectionManager] // set on the first connection
+	subMu sync.Mutex                                 // one SUBSCRIBE exchange at a time: reconnect or reload
 
 	stopping atomic.Bool  // set first when Run begins to stop
 	holding  atomic.Bool  // a message is held because the buffer refused it
@@ -75,12 +80,14 @@ func NewMQTT(opts MQTTOptions, gatewayID string, in *Ingest, buf Appender, log *
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &MQTT{
+	m := &MQTT{
 		opts: opts, in: in, buf: buf, log: log, broker: u,
 		queue: make(chan paho.PublishReceived, opts.ReceiveMaximum),
 		acks:  make(chan *inflight, opts.ReceiveMaximum),
 		state: StateStarting,
-	}, nil
+	}
+	m.subs.Store(&opts.Subscriptions)
+	return m, nil
 }
 
 // State is the connection state and the last error, for status.
@@ -242,36 +249,92 @@ func tlsConfig(caFile, certFile, keyFile, serverName string) (*tls.Config, error
 // onConnectionUp subscribes on every (re)connection and checks each SUBACK
 // code: a refused subscription is a degraded gateway, not a silent one.
 func (m *MQTT) onConnectionUp(cm *autopaho.ConnectionManager, ack *paho.Connack) {
+	m.cm.Store(cm)
 	m.setState(StateSubscribing, nil)
 	m.log.Info("mqtt connected", "session_present", ack.SessionPresent)
-	go func() {
-		subs := make([]paho.SubscribeOptions, len(m.opts.Subscriptions))
-		for i, s := range m.opts.Subscriptions {
-			subs[i] = paho.SubscribeOptions{Topic: s.Topic, QoS: s.QoS, RetainHandling: 1}
+	// Not on paho's goroutine: the SUBACK arrives through it.
+	go m.subscribe(cm)
+}
+
+// subscribe sends the current subscriptions and sets the state from the
+// SUBACK codes.
+func (m *MQTT) subscribe(cm *autopaho.ConnectionManager) {
+	m.subMu.Lock()
+	defer m.subMu.Unlock()
+	current := *m.subs.Load()
+	subs := make([]paho.SubscribeOptions, len(current))
+	for i, s := range current {
+		subs[i] = paho.SubscribeOptions{Topic: s.Topic, QoS: s.QoS, RetainHandling: 1}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
+	if err != nil {
+		m.setState(StateDegraded, fmt.Errorf("subscribe: %w", err))
+		return
+	}
+	var refused []error
+	for i, code := range sa.Reasons {
+		if i < len(subs) && code >= 0x80 {
+			refused = append(refused, fmt.Errorf("subscription %q refused by the broker (reason code %#x)", subs[i].Topic, code))
 		}
+	}
+	if len(sa.Reasons) != len(subs) {
+		refused = append(refused, fmt.Errorf("broker answered %d of %d subscriptions", len(sa.Reasons), len(subs)))
+	}
+	if len(refused) > 0 {
+		m.setState(StateDegraded, errors.Join(refused...))
+		return
+	}
+	m.setState(StateConnected, nil)
+	m.log.Info("mqtt subscribed", "subscriptions", len(subs))
+}
+
+// ReloadSubscriptions replaces the [[mqtt.subscribe]] entries while running:
+// patterns, formats and priorities apply to the next message decoded; on a
+// live connection the new list is subscribed (SUBACK checked) and filters
+// no longer listed are unsubscribed. A message still arriving through a
+// removed filter is rejected as matching no subscription. Broker, session
+// and connection settings are not touched. It returns the filters added and
+// removed.
+func (m *MQTT) ReloadSubscriptions(subs []Subscription) (added, removed []string, err error) {
+	next := m.opts
+	next.Subscriptions = slices.Clone(subs)
+	if err := next.Validate(); err != nil {
+		return nil, nil, err
+	}
+	next.setDefaults("")
+	old := *m.subs.Load()
+	has := func(list []Subscription, s Subscription) bool {
+		return slices.ContainsFunc(list, func(o Subscription) bool { return o.Topic == s.Topic && o.QoS == s.QoS })
+	}
+	for _, s := range next.Subscriptions {
+		if !has(old, s) {
+			added = append(added, s.Topic)
+		}
+	}
+	for _, s := range old {
+		if !slices.ContainsFunc(next.Subscriptions, func(o Subscription) bool { return o.Topic == s.Topic }) {
+			removed = append(removed, s.Topic)
+		}
+	}
+	m.subs.Store(&next.Subscriptions)
+	cm := m.cm.Load()
+	if cm == nil || (len(added) == 0 && len(removed) == 0) {
+		return added, removed, nil // not connected yet: the next connection subscribes the new list
+	}
+	if state, _ := m.State(); state == StateDisconnected {
+		return added, removed, nil
+	}
+	m.subscribe(cm)
+	if len(removed) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
-		if err != nil {
-			m.setState(StateDegraded, fmt.Errorf("subscribe: %w", err))
-			return
+		if _, err := cm.Unsubscribe(ctx, &paho.Unsubscribe{Topics: removed}); err != nil {
+			return added, removed, fmt.Errorf("unsubscribe %q: %w", removed, err)
 		}
-		var refused []error
-		for i, code := range sa.Reasons {
-			if i < len(subs) && code >= 0x80 {
-				refused = append(refused, fmt.Errorf("subscription %q refused by the broker (reason code %#x)", subs[i].Topic, code))
-			}
-		}
-		if len(sa.Reasons) != len(subs) {
-			refused = append(refused, fmt.Errorf("broker answered %d of %d subscriptions", len(sa.Reasons), len(subs)))
-		}
-		if len(refused) > 0 {
-			m.setState(StateDegraded, errors.Join(refused...))
-			return
-		}
-		m.setState(StateConnected, nil)
-		m.log.Info("mqtt subscribed", "subscriptions", len(subs))
-	}()
+	}
+	return added, removed, nil
 }
 
 // onPublish runs on paho's single handler goroutine: it only queues.
@@ -287,9 +350,10 @@ func (m *MQTT) onPublish(pr paho.PublishReceived) (bool, error) {
 
 // subscriptionFor finds the subscription a message arrived through.
 func (m *MQTT) subscriptionFor(topic string) *Subscription {
-	for i := range m.opts.Subscriptions {
-		if matchesFilter(m.opts.Subscriptions[i].Topic, topic) {
-			return &m.opts.Subscriptions[i]
+	subs := *m.subs.Load()
+	for i := range subs {
+		if matchesFilter(subs[i].Topic, topic) {
+			return &subs[i]
 		}
 	}
 	return nil

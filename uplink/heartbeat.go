@@ -113,7 +113,10 @@ func (u *Uplink) Heartbeat(ctx context.Context) error {
 	}
 	var recoveredAgo, lost any
 	if rec := u.src.Recovered(); rec != nil {
-		recoveredAgo, lost = nullableAge(rec.At), rec.LostReadings
+		recoveredAgo = nullableAge(rec.At)
+		if rec.LostReadings >= 0 { // -1: the file was too damaged to count; NULL says unknown
+			lost = rec.LostReadings
+		}
 	}
 	var disk any
 	if rep.DiskFreeBytes >= 0 {

@@ -194,6 +194,16 @@ func LoadConfig(path, profileFlag string) (*Config, error) {
 			problems = append(problems, fmt.Errorf("profile %s: %w", profile, e))
 		}
 	}
+	// dsn and dsn_file are one setting in two forms: the file's choice
+	// replaces the profile's, rather than clashing with it.
+	if up, ok := fileTable["uplink"].(map[string]any); ok {
+		if _, ok := up["dsn"]; ok {
+			cfg.Uplink.DSNFile = ""
+		}
+		if _, ok := up["dsn_file"]; ok {
+			cfg.Uplink.DSN = ""
+		}
+	}
 	problems = append(problems, mapValues(&cfg, fileTable)...)
 	cfg.Profile = profile
 	cfg.setDefaults()

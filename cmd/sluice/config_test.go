@@ -128,6 +128,34 @@ heartbeat = "45s"
 	}
 }
 
+// TestConfigDSNFormReplacesProfiles: a board profile names dsn_file; a file
+// that gives an inline dsn replaces it instead of clashing, and both in the
+// same file are still an error.
+func TestConfigDSNFormReplacesProfiles(t *testing.T) {
+	cfg, err := LoadConfig(writeConfig(t, `
+profile = "arm64"
+[gateway]
+id = "gw-inline"
+[uplink]
+dsn = "postgres://u@127.0.0.1/db"
+`), "")
+	if err != nil {
+		t.Fatalf("inline dsn over the arm64 profile: %v", err)
+	}
+	if cfg.Uplink.DSN != "postgres://u@127.0.0.1/db" || cfg.Uplink.DSNFile != "" {
+		t.Fatalf("dsn %q dsn_file %q", cfg.Uplink.DSN, cfg.Uplink.DSNFile)
+	}
+	_, err = LoadConfig(writeConfig(t, `
+profile = "arm64"
+[uplink]
+dsn = "postgres://u@127.0.0.1/db"
+dsn_file = "dsn"
+`), "")
+	if err == nil || !strings.Contains(err.Error(), "uplink.dsn: set dsn or dsn_file, not both") {
+		t.Fatalf("both in one file: %v", err)
+	}
+}
+
 func TestEveryProfileLoadsAlone(t *testing.T) {
 	for _, name := range firmwareprofiles.Names() {
 		t.Run(name, func(t *testing.T) {

@@ -121,10 +121,13 @@ func startGateway(t *testing.T, configText string) *gatewayProc {
 		t.Fatal(err)
 	}
 	g := &gatewayProc{t: t, config: path, out: &syncBuffer{}}
-	for _, line := range strings.Split(configText, "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "listen = "); ok {
-			g.admin = strings.Trim(v, `"`)
+	if m, err := decodeTOML([]byte(configText)); err == nil {
+		if admin, ok := m["admin"].(map[string]any); ok {
+			g.admin, _ = admin["listen"].(string)
 		}
+	}
+	if g.admin == "" {
+		t.Fatalf("test config has no [admin] listen:\n%s", configText)
 	}
 	g.start()
 	t.Cleanup(func() {
@@ -377,13 +380,3 @@ func doubledValues(t *testing.T, dsn, sensor string) string {
 
 // asExit reports whether err is a process's non-zero exit.
 func asExit(err error, ee **exec.ExitError) bool { return errors.As(err, ee) }
-
-// withKeys adds lines to a section of a test config, right under its header.
-func withKeys(t *testing.T, cfg, section string, lines ...string) string {
-	t.Helper()
-	header := "[" + section + "]\n"
-	if !strings.Contains(cfg, header) {
-		t.Fatalf("config has no %s section", header)
-	}
-	return strings.Replace(cfg, header, header+strings.Join(lines, "\n")+"\n", 1)
-}

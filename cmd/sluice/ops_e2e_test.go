@@ -491,7 +491,9 @@ func TestOpsSdNotify(t *testing.T) {
 	}
 }
 
-// TestOpsReloadOnSIGHUP: SIGHUP changes the log level at once, names the
+// TestOpsReloadOnSIGHUP: SIGHUP changes the log level and the MQTT
+// subscriptions at once (a new filter is subscribed and its readings land, a
+// removed one is unsubscribed and its messages no longer stored), names the
 // changes that need a restart, and keeps the running config when the new
 // one is broken.
 func TestOpsReloadOnSIGHUP(t *testing.T) {
@@ -503,14 +505,34 @@ func TestOpsReloadOnSIGHUP(t *testing.T) {
 	if strings.Contains(g.out.String(), "level=INFO") {
 		t.Fatalf("info lines at level warn:\n%s", g.out.String())
 	}
+	pub := newPublisher(t, broker.Addr(), "reload-pub")
+	if err := pub.publish("packs/before", []byte(`[{"n":"level","v":1}]`)); err != nil {
+		t.Fatal(err)
+	}
+	waitRows(t, dsn, 1, 20*time.Second, "SELECT count(*) FROM sluice.readings WHERE value = 1")
+
 	next := strings.Replace(strings.Replace(cfg, `level = "warn"`, `level = "info"`, 1), `batch_wait = "100ms"`, `batch_wait = "200ms"`, 1)
+	next = strings.Replace(next, "topic = \"packs/+\"\npattern = \"packs/{sensor}\"", "topic = \"tanks/+/+\"\npattern = \"tanks/{sensor}/{metric}\"", 1)
 	if err := os.WriteFile(g.config, []byte(next), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	_ = g.cmd.Process.Signal(syscall.SIGHUP)
 	waitOutput(t, g, "reload: log level changed")
-	waitOutput(t, g, "keys=uplink.batch_wait")
+	waitOutput(t, g, `msg="reload: mqtt.subscribe applied" added=tanks/+/+ removed=packs/+ state=connected`)
+	waitOutput(t, g, "keys=uplink.batch_wait") // alone: the subscriptions need no restart
 	waitOutput(t, g, "msg=\"reload done\"")
+	if err := pub.publish("packs/after", []byte(`[{"n":"level","v":2}]`)); err != nil {
+		t.Fatal(err)
+	}
+	// The entry keeps format = "senml" from the one it replaced.
+	if err := pub.publish("tanks/t1/level", []byte(`[{"v":3}]`)); err != nil {
+		t.Fatal(err)
+	}
+	waitRows(t, dsn, 1, 20*time.Second, "SELECT count(*) FROM sluice.readings WHERE value = 3")
+	time.Sleep(500 * time.Millisecond) // the removed filter's message had as long as the new one's
+	if n := queryInt(t, dsn, "SELECT count(*) FROM sluice.readings"); n != 2 {
+		t.Fatalf("%d readings stored, want 2: the one before the reload and the one on the new filter", n)
+	}
 
 	if err := os.WriteFile(g.config, []byte(next+"\nbogus_key = 1\n"), 0o600); err != nil {
 		t.Fatal(err)

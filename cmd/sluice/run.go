@@ -91,7 +91,7 @@ func (rl *reloader) reload(p *gatewayParts) {
 	// takes effect at the next start.
 	var restart []string
 	for _, key := range configDiff(p.cfg, next) {
-		if key != "log.level" && key != "coap.psk_file" {
+		if key != "log.level" && key != "coap.psk_file" && key != "mqtt.subscribe" {
 			restart = append(restart, key)
 		}
 	}
@@ -105,10 +105,32 @@ func (rl *reloader) reload(p *gatewayParts) {
 			p.log.Info("reload: psk_file applied", "sessions_kept", kept, "sessions_closed", closed)
 		}
 	}
+	if p.mqtt != nil && !reflect.DeepEqual(p.cfg.MQTT.Subscribe, next.MQTT.Subscribe) {
+		rl.reloadSubscriptions(p, next)
+	}
 	if len(restart) > 0 {
 		p.log.Warn("reload: these changes need a restart (systemctl restart sluice)", "keys", strings.Join(restart, ","))
 	}
 	p.log.Info("reload done")
+}
+
+func (rl *reloader) reloadSubscriptions(p *gatewayParts, next *Config) {
+	opts, errs := next.mqttOptions(false)
+	if len(errs) > 0 {
+		p.log.Error("reload: mqtt.subscribe refused, keeping the old subscriptions", "err", errors.Join(errs...))
+		return
+	}
+	added, removed, err := p.mqtt.ReloadSubscriptions(opts.Subscriptions)
+	if err != nil && added == nil && removed == nil {
+		p.log.Error("reload: mqtt.subscribe refused, keeping the old subscriptions", "err", err)
+		return
+	}
+	p.cfg.MQTT.Subscribe = next.MQTT.Subscribe
+	if err != nil {
+		p.log.Warn("reload: mqtt.subscribe applied, but the broker did not take all of it", "err", err)
+	}
+	state, lastErr := p.mqtt.State()
+	p.log.Info("reload: mqtt.subscribe applied", "added", strings.Join(added, ","), "removed", strings.Join(removed, ","), "state", state, "last_error", lastErr)
 }
 
 // configDiff lists the keys ("section.key") whose values differ.
