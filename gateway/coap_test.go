@@ -373,15 +373,7 @@ type rawPeer struct {
 
 func newRawPeer(t *testing.T, addr string) *rawPeer {
 	t.Helper()
-	to, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn, to := testenv.UDPPeer(t, addr)
 	return &rawPeer{t: t, conn: conn, to: to}
 }
 

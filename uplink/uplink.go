@@ -122,14 +122,19 @@ func New(opts Options, src Source) (*Uplink, error) {
 	return u, nil
 }
 
-// batchSize is the readings per batch: at most a second's worth when paced.
+// batchSize is the readings per batch: when paced, at most a tenth of a
+// second's worth, which is also the limiter's burst, so that no second
+// uploads more than 1.1 x max_rate.
 func (u *Uplink) batchSize() int {
 	n := u.opts.BatchSize
 	if u.opts.MaxRate > 0 {
-		n = min(n, max(1, int(u.opts.MaxRate)))
+		n = min(n, max(1, int(u.opts.MaxRate/pacedBatchesPerSecond)))
 	}
 	return n
 }
+
+// pacedBatchesPerSecond is how finely max_rate is sliced.
+const pacedBatchesPerSecond = 10
 
 // Close releases the pool. Call it after Run and Flush have returned.
 func (u *Uplink) Close() { u.pool.Close() }

@@ -19,6 +19,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
+
+	"github.com/sluice-gw/sluice/internal/testenv"
 )
 
 // The fault and attack tests count readings by per-sensor sequence numbers:
@@ -329,15 +331,7 @@ type coapPeer struct {
 
 func newCoAPPeer(t *testing.T, addr string) *coapPeer {
 	t.Helper()
-	to, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn, to := testenv.UDPPeer(t, addr)
 	return &coapPeer{conn: conn, to: to, mid: uint16(rand.IntN(1 << 16)), buf: make([]byte, 64<<10)}
 }
 

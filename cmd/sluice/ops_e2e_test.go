@@ -366,9 +366,14 @@ func TestOpsBufferFull(t *testing.T) {
 		t.Fatalf("/readyz = %d: a full buffer is still open with its ingress up", code)
 	}
 	expectCLI(t, 1, []string{"FAIL  postgres", "ok    disk"}, "doctor", "--config", g.config)
+	// A thin link back: the heartbeat (its own connection, a few hundred
+	// bytes) gets through while the backlog (1 MB) is still on its way, so
+	// the fleet view sees the backlog instead of racing its upload.
+	proxy.SetBandwidth(16 << 10)
 	proxy.Heal()
 	waitRows(t, dsn, 1, 30*time.Second, "SELECT count(*) FROM sluice.gateway_heartbeats WHERE gateway_id = 'gw-e2e' AND backlog_readings > 0")
 	expectCLI(t, 0, []string{"gw-e2e"}, "fleet", "--dsn", dsn)
+	proxy.SetBandwidth(0)
 	// Held messages come in as the uplink makes room; none is lost. (The
 	// burst-and-silence sensor may well show stale now: that is not asserted.)
 	waitRows(t, dsn, 200, 90*time.Second, "SELECT count(*) FROM sluice.readings")

@@ -291,6 +291,23 @@ func FreeUDPPort(t testing.TB) int {
 	return c.LocalAddr().(*net.UDPAddr).Port
 }
 
+// UDPPeer opens a client UDP socket on loopback, closed when the test ends,
+// and resolves the server address addr it will send to: a sensor whose
+// datagrams (message ids, retransmissions, garbage) the test controls.
+func UDPPeer(t testing.TB, addr string) (*net.UDPConn, *net.UDPAddr) {
+	t.Helper()
+	to, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		t.Fatalf("testenv: resolve %s: %v", addr, err)
+	}
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatalf("testenv: UDP socket: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn, to
+}
+
 // shared holds what lives as long as the test binary; Main stops and removes it.
 // Lock order: mu before templateMu.
 var shared struct {
