@@ -15,20 +15,10 @@ import (
 	"github.com/sluice-gw/sluice/internal/testenv"
 )
 
-// needCoAPClient returns the path of a libcoap client, failing under
-// SLUICE_REQUIRE_SERVICES=1 and skipping loudly otherwise, as testenv does
-// for its servers.
+// needCoAPClient returns the path of a libcoap client (see needBinary).
 func needCoAPClient(t *testing.T, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if testenv.Require() {
-		t.Fatalf("%s not installed, and %s=1 demands it: apt-get install libcoap3-bin", name, testenv.RequireEnv)
-	}
-	t.Skipf("SKIP: %s not installed; run the README's test command (./test.sh) to run this test", name)
-	return ""
+	return needBinary(t, name, "libcoap3-bin")
 }
 
 // coapConfig is the [coap] section of a test config. The keys are written
