@@ -2,18 +2,11 @@ package gateway
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -24,6 +17,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/options"
 	udpClient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"github.com/sluice-gw/sluice/internal/testenv"
 )
 
 const (
@@ -211,21 +206,24 @@ func TestCoAPReloadPSK(t *testing.T) {
 }
 
 func TestCoAPDTLSCertificates(t *testing.T) {
-	dir := t.TempDir()
-	ca, caKey := makeCert(t, dir, "ca", "sluice test ca", nil, nil)
-	makeCert(t, dir, "gateway", "gateway", ca, caKey)
-	makeCert(t, dir, "meter", "meter-5", ca, caKey)
+	ca := testenv.NewCA(t, "sluice test ca")
+	gw := ca.Issue(t, "gateway", "gateway")
+	meter := ca.Issue(t, "meter-5")
 	e := startCoAP(t, coapSetup{opts: CoAPOptions{
 		DTLSListen: "auto",
-		CAFile:     filepath.Join(dir, "ca.pem"),
-		CertFile:   filepath.Join(dir, "gateway.pem"), KeyFile: filepath.Join(dir, "gateway.key"),
+		CAFile:     ca.CertFile,
+		CertFile:   gw.CertFile, KeyFile: gw.KeyFile,
 	}})
-	clientCert, err := tls.LoadX509KeyPair(filepath.Join(dir, "meter.pem"), filepath.Join(dir, "meter.key"))
+	clientCert, err := tls.X509KeyPair(meter.CertPEM, meter.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, err := os.ReadFile(ca.CertFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
-	pool.AddCert(ca)
+	pool.AppendCertsFromPEM(caPEM)
 	cc, err := dialDTLS(t, e.dtls,
 		piondtls.WithCertificates(clientCert),
 		piondtls.WithRootCAs(pool),
@@ -244,52 +242,6 @@ func TestCoAPDTLSCertificates(t *testing.T) {
 	if _, err := dialDTLS(t, e.dtls, piondtls.WithRootCAs(pool), piondtls.WithServerName("gateway")); err == nil {
 		t.Fatal("a client without a certificate made a session")
 	}
-}
-
-// makeCert writes name.pem and name.key into dir: a CA when parent is nil,
-// else a certificate for cn signed by parent.
-func makeCert(t *testing.T, dir, name, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		DNSNames:     []string{cn},
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	signer, signerKey := tmpl, key
-	if parent == nil {
-		tmpl.IsCA, tmpl.BasicConstraintsValid = true, true
-		tmpl.KeyUsage |= x509.KeyUsageCertSign
-	} else {
-		signer, signerKey = parent, parentKey
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(file, typ string, b []byte) {
-		if err := os.WriteFile(filepath.Join(dir, file), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(name+".pem", "CERTIFICATE", der)
-	write(name+".key", "EC PRIVATE KEY", keyDER)
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, key
 }
 
 func TestParsePSK(t *testing.T) {

@@ -2,15 +2,8 @@ package testenv_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -190,7 +183,8 @@ func TestPostgresMaxConnectionsAndFiles(t *testing.T) {
 }
 
 func TestPostgresSSL(t *testing.T) {
-	crt, key := selfSignedCert(t)
+	server := testenv.NewCA(t, "test ca").Issue(t, "127.0.0.1", "127.0.0.1")
+	crt, key := server.CertPEM, server.KeyPEM
 	pg := testenv.StartPostgres(t, testenv.PostgresOptions{
 		ExtraConf: []string{"ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"},
 		Files:     map[string][]byte{"server.crt": crt, "server.key": key},
@@ -200,34 +194,6 @@ func TestPostgresSSL(t *testing.T) {
 	if len(got) != 1 || got[0][0] != true {
 		t.Errorf("connection with sslmode=require: pg_stat_ssl.ssl = %v, want true", got)
 	}
-}
-
-// selfSignedCert returns a PEM certificate and key for 127.0.0.1.
-func selfSignedCert(t *testing.T) (crtPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
 }
 
 func TestSharedPostgresRefusesFaults(t *testing.T) {
