@@ -195,11 +195,7 @@ func TestThroughPgBouncer(t *testing.T) {
 	g := startGateway(t, gatewayConfig(t, t.TempDir(), broker.URL(), bouncer, testenv.FreePort(t), ""))
 	g.waitHTTP("/readyz", 20*time.Second)
 	p := newPublisher(t, broker.Addr(), "bouncer-sensor")
-	for i := range 2000 {
-		if err := p.publish("sensors/tank-1/level", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/tank-1/level", 0, 2000)
 	waitRows(t, dsn, 2000, 60*time.Second, "SELECT count(*) FROM sluice.readings")
 	if n := queryInt(t, dsn, "SELECT count(DISTINCT value) FROM sluice.readings"); n != 2000 {
 		t.Fatalf("%d distinct values, want 2000", n)
@@ -222,11 +218,7 @@ func TestShutdownFlushesAndRestartResumes(t *testing.T) {
 	waitRows(t, dsn, 1, 20*time.Second, "SELECT count(*) FROM sluice.gateways") // schema in place
 
 	proxy.Cut()
-	for i := range 1000 {
-		if err := p.publish("sensors/flush/level", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/flush/level", 0, 1000)
 	start := time.Now()
 	g.stop()
 	if took := time.Since(start); took > 10*time.Second {
@@ -311,11 +303,7 @@ func TestBrokerRestartAndQueuedSession(t *testing.T) {
 	g.waitHTTP("/readyz", 20*time.Second)
 	g.stop()
 	p := newPublisher(t, broker.Addr(), "queued-sensor")
-	for i := range 500 {
-		if err := p.publish("sensors/queued/flow", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/queued/flow", 0, 500)
 	g.start()
 	waitRows(t, dsn, 500, 30*time.Second, "SELECT count(*) FROM sluice.readings")
 

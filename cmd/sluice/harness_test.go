@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -262,6 +263,17 @@ func (p *publisher) publish(topic string, payload []byte) error {
 	defer cancel()
 	_, err := p.cli.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload})
 	return err
+}
+
+// publishNumbers publishes the plain numbers from .. to-1 to topic at QoS 1,
+// one message each, and fails the test on the first error.
+func (p *publisher) publishNumbers(t *testing.T, topic string, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		if err := p.publish(topic, []byte(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 func queryInt(t *testing.T, dsn, sql string, args ...any) int64 {

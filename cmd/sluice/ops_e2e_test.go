@@ -138,11 +138,7 @@ func publishSensors(t *testing.T, p *publisher) {
 			t.Fatal(err)
 		}
 	}
-	for i := range 3 {
-		if err := p.publish("sensors/pump-2/flow", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/pump-2/flow", 0, 3)
 }
 
 var contractMetrics = []string{
@@ -313,11 +309,7 @@ func TestOpsPostgresDown(t *testing.T) {
 	g, broker, dsn, proxy := pgw.gatewayProc, pgw.broker, pgw.dsn, pgw.proxy
 	proxy.Cut()
 	p := newPublisher(t, broker.Addr(), "pgdown-sensor")
-	for i := range 50 {
-		if err := p.publish("sensors/pg-down/level", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/pg-down/level", 0, 50)
 	base := "http://" + g.admin
 	g.waitHTTPBody("/api/status", `"state": "retrying"`, 30*time.Second)
 	g.waitHTTPBody("/api/status", `"readings": 50,`, 10*time.Second)
@@ -664,11 +656,7 @@ func TestOpsStatusPageInChromium(t *testing.T) {
 
 	// The central database goes away and a backlog builds: amber.
 	proxy.Cut()
-	for i := range 20 {
-		if err := p.publish("sensors/pump-2/flow", []byte(fmt.Sprint(100+i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/pump-2/flow", 100, 120)
 	g.waitHTTPBody("/api/status", `"state": "retrying"`, 30*time.Second)
 	dom = headless(t, bin, url, "--dump-dom")
 	for _, want := range []string{

@@ -65,11 +65,7 @@ func TestMQTTOverTLSWithClientCertificate(t *testing.T) {
 	g := startGateway(t, cfg)
 	g.waitHTTP("/readyz", 20*time.Second)
 	p := newPublisher(t, broker.Addr(), "tls-sensor")
-	for i := range 100 {
-		if err := p.publish("sensors/tls/voltage", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/tls/voltage", 0, 100)
 	waitRows(t, dsn, 100, 30*time.Second, "SELECT count(*) FROM sluice.readings")
 	g.stop()
 	for _, secret := range []string{mqttSecret, pgSecret} {
@@ -153,11 +149,7 @@ func TestPostgresVerifyFullWithClientCertificate(t *testing.T) {
 	g := startGateway(t, gatewayConfig(t, t.TempDir(), broker.URL(), tlsDSN, testenv.FreePort(t), ""))
 	g.waitHTTP("/readyz", 20*time.Second)
 	p := newPublisher(t, broker.Addr(), "pg-tls-sensor")
-	for i := range 50 {
-		if err := p.publish("sensors/pgtls/flow", []byte(fmt.Sprint(i))); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.publishNumbers(t, "sensors/pgtls/flow", 0, 50)
 	waitRows(t, plain, 50, 30*time.Second, "SELECT count(*) FROM sluice.readings")
 	if n := queryInt(t, plain, "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND s.client_dn LIKE '%"+testenv.PostgresUser+"%' AND a.application_name LIKE 'sluice %'"); n == 0 {
 		t.Fatal("the gateway's connection is not TLS with its client certificate")
