@@ -1,6 +1,7 @@
 package buffer
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -113,8 +114,8 @@ func checkMessage(m *Message) error {
 }
 
 // run is the committer: the one goroutine that writes appends. Appends that
-// arrive while a commit runs, or within CommitInterval of the last one, share
-// the next transaction.
+// arrive while a commit runs, or within CommitInterval of the start of the
+// last one, share the next transaction.
 func (b *Buffer) run() {
 	defer close(b.stopped)
 	hk := time.NewTicker(housekeepingInterval)
@@ -168,8 +169,12 @@ func (b *Buffer) run() {
 			}
 			break
 		}
-		b.commit(batch)
+		// The interval runs from the start of one commit to the start of the
+		// next: a commit that took longer than it is followed at once by the
+		// appends that waited for it, and commits still number at most one
+		// per interval.
 		last = time.Now()
+		b.commit(batch)
 		clear(batch)
 		batch = batch[:0]
 	}
@@ -187,7 +192,16 @@ type txn struct {
 	st    state
 	enc   []byte
 	added int
-	evict bool // drop-oldest may evict in this transaction
+	evict bool        // drop-oldest may evict in this transaction
+	undo  []keyChange // index changes, undone if the commit fails
+}
+
+// keyChange is one index entry as it was before the transaction.
+type keyChange struct {
+	space string
+	id    keyID
+	prev  uint64
+	had   bool
 }
 
 func (b *Buffer) commit(batch []*Pending) {
@@ -201,9 +215,10 @@ func (b *Buffer) commit(batch []*Pending) {
 	errs := make([]error, len(batch))
 	var next state
 	attempt := func() error {
-		return b.guard(func() error {
+		t := &txn{b: b, st: base, evict: b.opts.OnFull == DropOldest}
+		err := b.guard(func() error {
 			return b.db.Update(func(tx *bolt.Tx) error {
-				t := &txn{b: b, tx: tx, st: base, evict: b.opts.OnFull == DropOldest}
+				t.tx = tx
 				for i, p := range batch {
 					results[i], errs[i] = t.append(&p.msg)
 				}
@@ -214,6 +229,10 @@ func (b *Buffer) commit(batch []*Pending) {
 				return nil
 			})
 		})
+		if err != nil {
+			t.rollback()
+		}
+		return err
 	}
 	err := attempt()
 	if isNoSpace(err) {
@@ -290,7 +309,7 @@ func (b *Buffer) commit(batch []*Pending) {
 // this message only; the transaction goes on with the others.
 func (t *txn) append(m *Message) (Result, error) {
 	if m.Key != nil && m.Key.Check {
-		if kb := t.tx.Bucket(keyBucket(m.Key.Space)); kb != nil && kb.Get(m.Key.ID) != nil {
+		if t.hasKey(m.Key.Space, m.Key.ID) {
 			return Result{Duplicate: true}, nil
 		}
 	}
@@ -386,22 +405,17 @@ func (t *txn) persist() error {
 	if err := m.Put(keyDropped, encodeCounters(t.st.dropped)); err != nil {
 		return err
 	}
-	if err := m.Put(keyKeyBytes, binary.BigEndian.AppendUint64(nil, uint64(t.st.keyBytes))); err != nil {
-		return err
-	}
 	return m.Put(keyDeadCount, binary.BigEndian.AppendUint64(nil, uint64(t.st.deadLetters)))
 }
 
-func keyBucket(space string) []byte   { return []byte("k:" + space) }
 func orderBucket(space string) []byte { return []byte("ko:" + space) }
 
-// putKey stores k and prunes its space. The order bucket lists keys by
-// insertion (order -> time + key), so pruning takes from its front.
+// putKey stores k and prunes its space. On file the order bucket lists keys
+// by insertion (order -> time + key), so a store is an append at its end and
+// pruning takes from its front: two leaves per commit however many keys are
+// kept. Lookups go to the in-memory index, which the transaction updates and
+// rolls back if the commit fails.
 func (t *txn) putKey(k *Key) error {
-	kb, err := t.tx.CreateBucketIfNotExists(keyBucket(k.Space))
-	if err != nil {
-		return err
-	}
 	ob, err := t.tx.CreateBucketIfNotExists(orderBucket(k.Space))
 	if err != nil {
 		return err
@@ -411,42 +425,80 @@ func (t *txn) putKey(k *Key) error {
 	if err != nil {
 		return err
 	}
-	ok := seqKey(order)
-	if err := kb.Put(k.ID, ok); err != nil {
-		return err
-	}
 	ov := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(k.ID)), uint64(t.b.opts.Now().UnixMicro()))
-	if err := ob.Put(ok, append(ov, k.ID...)); err != nil {
+	if err := ob.Put(seqKey(order), append(ov, k.ID...)); err != nil {
 		return err
 	}
+	t.setKey(k.Space, t.b.fp(k.ID), order)
 	t.st.keyBytes += accountedKey(k.ID)
 	cutoff := int64(-1 << 63)
 	if k.TTL > 0 {
 		cutoff = t.b.opts.Now().Add(-k.TTL).UnixMicro()
 	}
 	c := ob.Cursor()
-	for key, v := c.First(); key != nil; key, v = c.First() {
+	var at [8]byte // the deleted key: Seek past it, as in evictUntil
+	for key, v := c.First(); key != nil; key, v = c.Seek(at[:]) {
 		o := binary.BigEndian.Uint64(key)
 		stale := k.Keep > 0 && order-o >= uint64(k.Keep)
 		expired := len(v) >= 8 && int64(binary.BigEndian.Uint64(v)) < cutoff
 		if !stale && !expired {
 			break
 		}
+		copy(at[:], key)
 		if err := c.Delete(); err != nil {
 			return err
 		}
-		t.st.keyBytes = max(0, t.st.keyBytes-accountedKey(v[min(8, len(v)):]))
-		// The key may have been stored again since: delete it only if this
-		// entry is still its latest.
-		if len(v) > 8 {
-			if cur := kb.Get(v[8:]); cur != nil && binary.BigEndian.Uint64(cur) == o {
-				if err := kb.Delete(v[8:]); err != nil {
-					return err
-				}
-			}
+		id := v[min(8, len(v)):]
+		t.st.keyBytes = max(0, t.st.keyBytes-accountedKey(id))
+		// The key may have been stored again since (or another id shares its
+		// fingerprint): forget it only if this entry is still the latest.
+		if ik := t.b.fp(id); t.b.keys[k.Space][ik] == o {
+			t.setKey(k.Space, ik, 0)
 		}
 	}
 	return nil
+}
+
+// hasKey reports whether id is a stored key of space: its fingerprint is in
+// the index and the entry on file holds this very id.
+func (t *txn) hasKey(space string, id []byte) bool {
+	order, ok := t.b.keys[space][t.b.fp(id)]
+	if !ok {
+		return false
+	}
+	v := t.tx.Bucket(orderBucket(space)).Get(seqKey(order))
+	return len(v) >= 8 && bytes.Equal(v[8:], id)
+}
+
+// setKey records id's latest order in the index (0: forget it) and how to
+// undo that.
+func (t *txn) setKey(space string, ik keyID, order uint64) {
+	idx := t.b.keys[space]
+	if idx == nil {
+		idx = make(map[keyID]uint64)
+		t.b.keys[space] = idx
+	}
+	prev, had := idx[ik]
+	t.undo = append(t.undo, keyChange{space: space, id: ik, prev: prev, had: had})
+	if order == 0 {
+		delete(idx, ik)
+	} else {
+		idx[ik] = order
+	}
+}
+
+// rollback undoes the transaction's index changes, newest first, after its
+// commit failed.
+func (t *txn) rollback() {
+	for i := len(t.undo) - 1; i >= 0; i-- {
+		u := t.undo[i]
+		if u.had {
+			t.b.keys[u.space][u.id] = u.prev
+		} else {
+			delete(t.b.keys[u.space], u.id)
+		}
+	}
+	t.undo = nil
 }
 
 // isNoSpace reports a commit that failed because the file could not grow.

@@ -1,6 +1,7 @@
 package buffer
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -34,8 +35,8 @@ var (
 	keySite       = []byte("site")
 	keyDropped    = []byte("dropped") // dropped counters, one uint64 per drop reason
 	keyDeadCount  = []byte("dead_letters")
-	keyKeyBytes   = []byte("key_bytes")
-	keyRecovery   = []byte("recovery") // last move-aside: unix µs + text
+	keyKeyBytes   = []byte("key_bytes") // written by versions before the in-memory key index
+	keyRecovery   = []byte("recovery")  // last move-aside: unix µs + text
 )
 
 func queueBucket(c Class) []byte { return []byte("q:" + string(c)) }
@@ -46,22 +47,24 @@ type Buffer struct {
 	path string
 	db   *bolt.DB
 
-	reqs       chan *Pending // appends waiting for the committer
-	closing    chan struct{} // closed when Close begins
-	stopped    chan struct{} // closed when the committer has returned
-	close      sync.Once     // guards Close
-	closeMu    sync.RWMutex  // held shared while sending on reqs; Close takes it to stop sends
-	isShut     bool          // guarded by closeMu
-	wake       chan struct{} // readings arrived; replaced on each signal (guarded by mu)
-	writeMu    sync.Mutex    // serialises state-changing transactions; taken before mu
-	mu         sync.Mutex    // guards st, wake, damaged, full, rec
-	st         state         // committed state, mirrored from the file
-	damaged    error         // set once the file has shown damage
-	full       bool          // the last append found no room
-	budget     int64         // data bytes the file may hold now; lowered when bbolt hits MaxSize (writeMu)
-	fullBudget int64         // the budget MaxBytes allows; budget returns to it once the queue is empty
-	lowDisk    atomic.Bool   // the filesystem is below MinFreeDisk: set by the committer, read by every writer
-	rec        *Recovery     // what Open had to do, if anything
+	reqs       chan *Pending               // appends waiting for the committer
+	closing    chan struct{}               // closed when Close begins
+	stopped    chan struct{}               // closed when the committer has returned
+	close      sync.Once                   // guards Close
+	closeMu    sync.RWMutex                // held shared while sending on reqs; Close takes it to stop sends
+	isShut     bool                        // guarded by closeMu
+	wake       chan struct{}               // readings arrived; replaced on each signal (guarded by mu)
+	writeMu    sync.Mutex                  // serialises state-changing transactions; taken before mu
+	mu         sync.Mutex                  // guards st, wake, damaged, full, rec
+	st         state                       // committed state, mirrored from the file
+	damaged    error                       // set once the file has shown damage
+	full       bool                        // the last append found no room
+	budget     int64                       // data bytes the file may hold now; lowered when bbolt hits MaxSize (writeMu)
+	fullBudget int64                       // the budget MaxBytes allows; budget returns to it once the queue is empty
+	lowDisk    atomic.Bool                 // the filesystem is below MinFreeDisk: set by the committer, read by every writer
+	rec        *Recovery                   // what Open had to do, if anything
+	keys       map[string]map[keyID]uint64 // idempotency keys by space: fingerprint -> order (writeMu)
+	fp         func([]byte) keyID          // fingerprint; tests replace it to force collisions
 
 	gatewayID, site string // as stored in the file
 }
@@ -97,6 +100,7 @@ func Open(opts Options) (*Buffer, error) {
 		closing: make(chan struct{}),
 		stopped: make(chan struct{}),
 		wake:    make(chan struct{}),
+		fp:      fingerprint,
 	}
 	b.fullBudget = dataBudget(opts.MaxBytes)
 	b.budget = b.fullBudget
@@ -368,10 +372,8 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 		if v := m.Get(keyDeadCount); len(v) == 8 {
 			st.deadLetters = int64(binary.BigEndian.Uint64(v))
 		}
-		if v := m.Get(keyKeyBytes); len(v) == 8 {
-			st.keyBytes = int64(binary.BigEndian.Uint64(v))
-		}
-		return nil
+		st.keyBytes, err = b.loadKeys(tx)
+		return err
 	})
 	if err != nil {
 		return err
@@ -381,6 +383,45 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 	}
 	b.st = st
 	return nil
+}
+
+// loadKeys builds the in-memory index of idempotency keys from the order
+// buckets and returns their accounted bytes. It removes what versions before
+// the index kept on file (the id -> order buckets and their byte count).
+func (b *Buffer) loadKeys(tx *bolt.Tx) (int64, error) {
+	b.keys = make(map[string]map[keyID]uint64)
+	var total int64
+	var old [][]byte
+	err := tx.ForEach(func(name []byte, bk *bolt.Bucket) error {
+		switch {
+		case len(name) > 2 && string(name[:2]) == "k:":
+			old = append(old, bytes.Clone(name))
+		case len(name) > 3 && string(name[:3]) == "ko:":
+			idx := make(map[keyID]uint64)
+			b.keys[string(name[3:])] = idx
+			return bk.ForEach(func(k, v []byte) error {
+				if len(k) != 8 || len(v) < 8 {
+					return fmt.Errorf("key order entry %x of %s is malformed", k, name)
+				}
+				idx[b.fp(v[8:])] = binary.BigEndian.Uint64(k)
+				total += accountedKey(v[8:])
+				return nil
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, name := range old {
+		if err := tx.DeleteBucket(name); err != nil {
+			return 0, fmt.Errorf("remove old key bucket %s: %w", name, err)
+		}
+	}
+	if err := tx.Bucket(bucketMeta).Delete(keyKeyBytes); err != nil {
+		return 0, err
+	}
+	return total, nil
 }
 
 // headReceived is the receive time of the first decodable record of q,

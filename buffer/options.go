@@ -57,7 +57,7 @@ type Options struct {
 	MinFreeDisk int64
 	// OnFull is the overflow policy (default DropOldest).
 	OnFull OnFull
-	// CommitInterval is the least time between two commits: appends arriving
+	// CommitInterval is the least time between the starts of two commits: appends arriving
 	// meanwhile share the next transaction and fsync. Longer saves flash wear,
 	// shorter lowers latency (default 2ms).
 	CommitInterval time.Duration

@@ -2,6 +2,7 @@ package buffer
 
 import (
 	"encoding/binary"
+	"hash/maphash"
 	"time"
 )
 
@@ -102,9 +103,22 @@ const elementOverhead = 16
 
 func accounted(value []byte) uint64 { return uint64(8 + len(value) + elementOverhead) }
 
-// accountedKey is what one idempotency key costs: its entry in the key
-// bucket (id -> order) and in the order bucket (order -> time + id).
-func accountedKey(id []byte) int64 { return int64(2*len(id) + 8 + 8 + 8 + 2*elementOverhead) }
+// accountedKey is what one idempotency key costs on file: its entry in the
+// order bucket (order -> time + id).
+func accountedKey(id []byte) int64 { return int64(len(id) + 8 + 8 + elementOverhead) }
+
+// keyID is an idempotency key as the in-memory index holds it: a 64-bit
+// fingerprint. Eight bytes and no pointers, so a full CoAP window of 131,072
+// keys takes about 5 MiB and nothing for the garbage collector to scan. A
+// fingerprint that matches is confirmed against the id on file, so two ids
+// that share one can never make a new message look like a redelivery.
+type keyID uint64
+
+// keySeed makes fingerprints differ between processes: the index is rebuilt
+// at every start, and nobody can aim ids at one another's fingerprint.
+var keySeed = maphash.MakeSeed()
+
+func fingerprint(id []byte) keyID { return keyID(maphash.Bytes(keySeed, id)) }
 
 func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), seq) }
 

@@ -46,6 +46,9 @@ func main() {
 	clients := flag.Int("clients", 64, "concurrent clients, each on its own UDP socket")
 	records := flag.Int("records", 10, "SenML records per request")
 	sluice := flag.String("sluice", "", "sluice binary (default: built from ./cmd/sluice)")
+	commitInterval := flag.Duration("commit-interval", 0, "the gateway's buffer.commit_interval (0: its default)")
+	var env envList
+	flag.Var(&env, "env", "NAME=VALUE in the gateway's environment, e.g. GOGC=400 (repeatable)")
 	bare := flag.String("bare-listen", "", "internal: serve the bare ceiling on this address")
 	flag.Parse()
 	if *bare != "" {
@@ -53,9 +56,28 @@ func main() {
 		return
 	}
 	log.SetFlags(0)
-	if err := run(*duration, *rounds, *clients, *records, *sluice); err != nil {
+	gw := gatewaySettings{bin: *sluice, commitInterval: *commitInterval, env: env}
+	if err := run(*duration, *rounds, *clients, *records, gw); err != nil {
 		log.Fatal(err)
 	}
+}
+
+type envList []string
+
+func (l *envList) String() string { return strings.Join(*l, " ") }
+func (l *envList) Set(v string) error {
+	if !strings.Contains(v, "=") {
+		return fmt.Errorf("%q: want NAME=VALUE", v)
+	}
+	*l = append(*l, v)
+	return nil
+}
+
+// gatewaySettings is what the command line changes about the measured gateway.
+type gatewaySettings struct {
+	bin            string
+	commitInterval time.Duration
+	env            []string
 }
 
 // serveBare is the ceiling: go-coap answering every request 2.04 at once.
@@ -95,7 +117,8 @@ func (r result) pct(p float64) time.Duration {
 	return r.lat[min(len(r.lat)-1, int(p*float64(len(r.lat))))]
 }
 
-func run(d time.Duration, rounds, clients, records int, sluiceBin string) error {
+func run(d time.Duration, rounds, clients, records int, gs gatewaySettings) error {
+	sluiceBin := gs.bin
 	dir, err := os.MkdirTemp("", "sluice-bench-coap-")
 	if err != nil {
 		return err
@@ -137,6 +160,7 @@ listen = %q
 [buffer]
 max_bytes = "4GiB"
 min_free_disk = "1GiB"
+%s
 
 [uplink]
 ## Nothing listens here: the readings stay in the buffer, durable, and the
@@ -149,12 +173,14 @@ listen = %q
 
 [log]
 level = "warn"
-`, filepath.Join(dir, "data"), gwAddr, admin)
+`, filepath.Join(dir, "data"), gwAddr, commitSetting(gs.commitInterval), admin)
 	cfgPath := filepath.Join(dir, "sluice.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return err
 	}
-	gw, err := startProc(exec.Command(sluiceBin, "run", "--config", cfgPath))
+	gwCmd := exec.Command(sluiceBin, "run", "--config", cfgPath)
+	gwCmd.Env = append(os.Environ(), gs.env...)
+	gw, err := startProc(gwCmd)
 	if err != nil {
 		return err
 	}
@@ -162,7 +188,7 @@ level = "warn"
 	if err := waitReady("http://" + admin + "/readyz"); err != nil {
 		return err
 	}
-	log.Printf("ceiling: bare go-coap server on %s; gateway: sluice run, CoAP on %s, buffer in %s", bareAddr, gwAddr, dir)
+	log.Printf("ceiling: bare go-coap server on %s; gateway: sluice run, CoAP on %s, buffer in %s, environment %q", bareAddr, gwAddr, dir, gs.env)
 
 	var seq atomic.Int64
 	addrs := []string{bareAddr, gwAddr}
@@ -427,4 +453,11 @@ func freeTCP() string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+func commitSetting(d time.Duration) string {
+	if d == 0 {
+		return ""
+	}
+	return fmt.Sprintf("commit_interval = %q", d)
 }

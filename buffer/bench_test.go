@@ -1,0 +1,108 @@
+package buffer
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+// BenchmarkAppend is the CoAP benchmark's write path without the network: 64
+// concurrent senders, each a message of 10 readings and a checked key per
+// request (as CoAP stores them: random 16 bytes, a window of 131,072), onto
+// a buffer that already holds a full key window. It reports readings/s and
+// the commit times' p50 and p99.
+func BenchmarkAppend(b *testing.B) {
+	for _, c := range []struct {
+		name     string
+		readings int
+		keys     bool
+	}{
+		{"10-readings/keys", 10, true},
+		{"10-readings/no-keys", 10, false},
+		{"1-reading/keys", 1, true},
+	} {
+		b.Run(c.name, func(b *testing.B) { benchAppend(b, c.readings, c.keys) })
+	}
+}
+
+func benchAppend(b *testing.B, perMessage int, keys bool) {
+	const senders, window = 64, 131072
+	var mu sync.Mutex
+	var commits []time.Duration
+	buf, err := Open(Options{Dir: b.TempDir(), MaxBytes: 4 << 30, MinFreeDisk: 1,
+		OnCommit: func(d time.Duration, _ int) {
+			mu.Lock()
+			commits = append(commits, d)
+			mu.Unlock()
+		}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer buf.Close()
+	key := func(i int) *Key {
+		if !keys {
+			return nil
+		}
+		h := sha256.Sum256(binary.BigEndian.AppendUint64(nil, uint64(i)))
+		return &Key{Space: "coap", ID: h[:16], Check: true, TTL: time.Hour, Keep: window}
+	}
+	message := func(i int) Message {
+		rs := make([]Reading, perMessage)
+		for j := range rs {
+			rs[j] = reading(fmt.Sprintf("bench-%d", i%senders), i*perMessage+j)
+			rs[j].Name = fmt.Sprintf("%s:m%d", rs[j].Sensor, j)
+			rs[j].Metric = fmt.Sprintf("m%d", j)
+		}
+		return Message{Class: ClassTelemetry, Readings: rs, Key: key(i)}
+	}
+	// A full key window first, as a gateway that has served CoAP for a while.
+	if keys {
+		var ps []*Pending
+		for i := range window {
+			ps = append(ps, buf.AppendAsync(Message{Class: ClassTelemetry, Readings: []Reading{reading("warm", i)}, Key: key(-1 - i)}))
+		}
+		for _, p := range ps {
+			if _, err := p.Result(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	mu.Lock()
+	commits = commits[:0]
+	mu.Unlock()
+	msgs := make([]Message, b.N)
+	for i := range msgs {
+		msgs[i] = message(i)
+	}
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range senders {
+		wg.Go(func() {
+			for i := range next {
+				if _, err := buf.AppendAsync(msgs[i]).Result(); err != nil {
+					b.Error(err)
+				}
+			}
+		})
+	}
+	for i := range b.N {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	b.StopTimer()
+	b.ReportMetric(float64(b.N*perMessage)/b.Elapsed().Seconds(), "readings/s")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(commits) > 0 {
+		slices.Sort(commits)
+		b.ReportMetric(float64(commits[len(commits)/2].Microseconds()), "commit-p50-µs")
+		b.ReportMetric(float64(commits[len(commits)*99/100].Microseconds()), "commit-p99-µs")
+		b.ReportMetric(float64(b.N)/float64(len(commits)), "msgs/commit")
+	}
+}
