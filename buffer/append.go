@@ -374,19 +374,17 @@ func (t *txn) evictUntil(target int64) error {
 	for ci := len(Classes) - 1; ci >= 0 && t.st.usedBytes() > target; ci-- {
 		cs := &t.st.classes[ci]
 		q := t.tx.Bucket(queueBucket(Classes[ci]))
-		c := q.Cursor()
-		// Seek past the deleted key, not First: leaves emptied in this
-		// transaction stay until commit and First walks them all, which made
-		// a large eviction quadratic.
-		var at [8]byte // the deleted key: sequence numbers are 8 bytes
-		for k, v := c.First(); k != nil && t.st.usedBytes() > target; k, v = c.Seek(at[:]) {
+		err := deleteFront(q, func(_, v []byte) bool {
+			if t.st.usedBytes() <= target {
+				return false
+			}
 			cs.readings--
 			cs.bytes -= accounted(v)
 			t.st.dropped[DropFull]++
-			copy(at[:], k)
-			if err := c.Delete(); err != nil {
-				return err
-			}
+			return true
+		})
+		if err != nil {
+			return err
 		}
 		cs.oldest = headReceived(q)
 	}
@@ -435,18 +433,12 @@ func (t *txn) putKey(k *Key) error {
 	if k.TTL > 0 {
 		cutoff = t.b.opts.Now().Add(-k.TTL).UnixMicro()
 	}
-	c := ob.Cursor()
-	var at [8]byte // the deleted key: Seek past it, as in evictUntil
-	for key, v := c.First(); key != nil; key, v = c.Seek(at[:]) {
+	return deleteFront(ob, func(key, v []byte) bool {
 		o := binary.BigEndian.Uint64(key)
 		stale := k.Keep > 0 && order-o >= uint64(k.Keep)
 		expired := len(v) >= 8 && int64(binary.BigEndian.Uint64(v)) < cutoff
 		if !stale && !expired {
-			break
-		}
-		copy(at[:], key)
-		if err := c.Delete(); err != nil {
-			return err
+			return false
 		}
 		id := v[min(8, len(v)):]
 		t.st.keyBytes = max(0, t.st.keyBytes-accountedKey(id))
@@ -454,6 +446,23 @@ func (t *txn) putKey(k *Key) error {
 		// fingerprint): forget it only if this entry is still the latest.
 		if ik := t.b.fp(id); t.b.keys[k.Space][ik] == o {
 			t.setKey(k.Space, ik, 0)
+		}
+		return true
+	})
+}
+
+// deleteFront deletes entries from the front of bk (8-byte sequence keys)
+// for as long as take, which sees each entry first, returns true. It seeks
+// past the deleted key rather than taking First again: leaves emptied in this
+// transaction stay until commit and First walks them all, which made a large
+// deletion quadratic.
+func deleteFront(bk *bolt.Bucket, take func(k, v []byte) bool) error {
+	c := bk.Cursor()
+	var at [8]byte
+	for k, v := c.First(); k != nil && take(k, v); k, v = c.Seek(at[:]) {
+		copy(at[:], k)
+		if err := c.Delete(); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -106,3 +106,41 @@ func benchAppend(b *testing.B, perMessage int, keys bool) {
 		b.ReportMetric(float64(b.N)/float64(len(commits)), "msgs/commit")
 	}
 }
+
+// BenchmarkPeekAck is the buffer's side of a backlog drain: batches of 5,000
+// (the uplink's default) peeked and acknowledged until b.N readings are gone.
+func BenchmarkPeekAck(b *testing.B) {
+	buf, err := Open(Options{Dir: b.TempDir(), MaxBytes: 4 << 30, MinFreeDisk: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer buf.Close()
+	var ps []*Pending
+	for i := 0; i < b.N; i += 1000 {
+		rs := make([]Reading, min(1000, b.N-i))
+		for j := range rs {
+			rs[j] = reading("drain", i+j)
+		}
+		ps = append(ps, buf.AppendAsync(Message{Class: ClassTelemetry, Readings: rs}))
+	}
+	for _, p := range ps {
+		if _, err := p.Result(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for {
+		batch, err := buf.Peek(5000)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(batch.Records) == 0 {
+			break
+		}
+		if err := buf.Ack(batch.Stream, batch.Last(), nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "readings/s")
+}

@@ -130,13 +130,16 @@ func (b *Buffer) Ack(stream [16]byte, upTo uint64, dead []DeadLetter) error {
 		return b.db.Update(func(tx *bolt.Tx) error {
 			cs := &next.classes[ci]
 			q := tx.Bucket(queueBucket(Classes[ci]))
-			c := q.Cursor()
-			for k, v := c.First(); k != nil && binary.BigEndian.Uint64(k) <= upTo; k, v = c.First() {
-				if err := c.Delete(); err != nil {
-					return err
+			err := deleteFront(q, func(k, v []byte) bool {
+				if binary.BigEndian.Uint64(k) > upTo {
+					return false
 				}
 				cs.readings--
 				cs.bytes -= accounted(v)
+				return true
+			})
+			if err != nil {
+				return err
 			}
 			cs.oldest = headReceived(q)
 			db := tx.Bucket(bucketDead)
@@ -271,21 +274,21 @@ func (b *Buffer) housekeep() {
 		for ci, c := range Classes {
 			cs := &t.st.classes[ci]
 			q := t.tx.Bucket(queueBucket(c))
-			cur := q.Cursor()
-			for k, v := cur.First(); k != nil; k, v = cur.First() {
+			err := deleteFront(q, func(_, v []byte) bool {
 				reason := DropAge
 				r, err := DecodeRecord(v)
 				if err != nil {
 					reason = DropCorrupt
 				} else if !r.Received.Before(cutoff) {
-					break
-				}
-				if err := cur.Delete(); err != nil {
-					return err
+					return false
 				}
 				cs.readings--
 				cs.bytes -= accounted(v)
 				t.st.dropped[reason]++
+				return true
+			})
+			if err != nil {
+				return err
 			}
 			cs.oldest = headReceived(q)
 		}

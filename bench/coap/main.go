@@ -5,14 +5,13 @@
 // (the ceiling). For each it reports requests/s, readings/s and p50/p99
 // latency at the peak, then p99 at half the peak rate.
 //
-//	go run ./bench/coap [-rounds 3] [-duration 5s] [-clients 64] [-records 10]
+//	go run ./bench/coap [-rounds 3] [-duration 5s] [-clients 64] [-records 10] [-client raw|go-coap]
 //
 // It stays out of the gateway: nothing here is linked into the sluice binary.
 package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -37,7 +36,6 @@ import (
 	coapNet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/udp"
-	udpClient "github.com/plgd-dev/go-coap/v3/udp/client"
 )
 
 func main() {
@@ -46,6 +44,7 @@ func main() {
 	clients := flag.Int("clients", 64, "concurrent clients, each on its own UDP socket")
 	records := flag.Int("records", 10, "SenML records per request")
 	sluice := flag.String("sluice", "", "sluice binary (default: built from ./cmd/sluice)")
+	client := flag.String("client", "go-coap", "load client: go-coap (go-coap's client) or raw (a minimal CoAP client over one UDP socket, lighter on the CPU)")
 	commitInterval := flag.Duration("commit-interval", 0, "the gateway's buffer.commit_interval (0: its default)")
 	var env envList
 	flag.Var(&env, "env", "NAME=VALUE in the gateway's environment, e.g. GOGC=400 (repeatable)")
@@ -56,8 +55,11 @@ func main() {
 		return
 	}
 	log.SetFlags(0)
+	if *client != "go-coap" && *client != "raw" {
+		log.Fatalf("-client %q: want go-coap or raw", *client)
+	}
 	gw := gatewaySettings{bin: *sluice, commitInterval: *commitInterval, env: env}
-	if err := run(*duration, *rounds, *clients, *records, gw); err != nil {
+	if err := run(*duration, *rounds, *clients, *records, *client, gw); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -117,7 +119,7 @@ func (r result) pct(p float64) time.Duration {
 	return r.lat[min(len(r.lat)-1, int(p*float64(len(r.lat))))]
 }
 
-func run(d time.Duration, rounds, clients, records int, gs gatewaySettings) error {
+func run(d time.Duration, rounds, clients, records int, client string, gs gatewaySettings) error {
 	sluiceBin := gs.bin
 	dir, err := os.MkdirTemp("", "sluice-bench-coap-")
 	if err != nil {
@@ -196,11 +198,11 @@ level = "warn"
 	for r := range rounds {
 		for i, addr := range addrs {
 			if r == 0 {
-				if _, err := phase(addr, d/5, clients, records, &seq, 0); err != nil { // warm-up
+				if _, err := phase(client, addr, d/5, clients, records, &seq, 0); err != nil { // warm-up
 					return err
 				}
 			}
-			res, err := phase(addr, d, clients, records, &seq, 0)
+			res, err := phase(client, addr, d, clients, records, &seq, 0)
 			if err != nil {
 				return err
 			}
@@ -212,7 +214,7 @@ level = "warn"
 	}
 	for range rounds {
 		for i, addr := range addrs {
-			res, err := phase(addr, d, clients, records, &seq, median(peaks[i])/2)
+			res, err := phase(client, addr, d, clients, records, &seq, median(peaks[i])/2)
 			if err != nil {
 				return err
 			}
@@ -221,8 +223,8 @@ level = "warn"
 	}
 	commits := commitQuantiles("http://" + admin + "/metrics")
 
-	fmt.Printf("\n%d clients, confirmable POSTs of %d-record SenML JSON, %d rounds of %s phases, ceiling and sluice alternating\n\n",
-		clients, records, rounds, d)
+	fmt.Printf("\n%d %s clients, confirmable POSTs of %d-record SenML JSON, %d rounds of %s phases, ceiling and sluice alternating\n\n",
+		clients, client, records, rounds, d)
 	fmt.Printf("| server | requests/s (median) | readings/s | p50 | p99 | failed | p99 at half the peak rate (requests/s) |\n")
 	fmt.Printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
 	for i, name := range []string{"bare go-coap (ceiling)", "sluice, durable"} {
@@ -308,17 +310,17 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Micros
 // EXCHANGE_LIFETIME (247 s) and walks that cache on every datagram from the
 // peer, so a client that has sent thousands of requests would measure the
 // walk, not the server.
-func phase(addr string, d time.Duration, clients, records int, seq *atomic.Int64, rate float64) (result, error) {
-	conns := make([]*udpClient.Conn, clients)
+func phase(client, addr string, d time.Duration, clients, records int, seq *atomic.Int64, rate float64) (result, error) {
+	conns := make([]poster, clients)
 	defer func() {
 		for _, cc := range conns {
 			if cc != nil {
-				_ = cc.Close()
+				cc.close()
 			}
 		}
 	}()
 	for i := range conns {
-		cc, err := udp.Dial(addr, options.WithErrors(func(error) {}))
+		cc, err := dial(client, addr)
 		if err != nil {
 			return result{}, err
 		}
@@ -329,7 +331,7 @@ func phase(addr string, d time.Duration, clients, records int, seq *atomic.Int64
 
 // load posts from every client for d: back to back when rate is 0, else
 // each client on a fixed schedule that together makes rate requests/s.
-func load(conns []*udpClient.Conn, records int, seq *atomic.Int64, d time.Duration, rate float64) result {
+func load(conns []poster, records int, seq *atomic.Int64, d time.Duration, rate float64) result {
 	var (
 		mu  sync.Mutex
 		res result
@@ -348,6 +350,7 @@ func load(conns []*udpClient.Conn, records int, seq *atomic.Int64, d time.Durati
 				next = start.Add(interval * time.Duration(i) / time.Duration(len(conns)))
 			}
 			body := make([]byte, 0, 64*records)
+			path := fmt.Sprintf("/s/bench-%d", i)
 			for {
 				if rate > 0 {
 					if wait := time.Until(next); wait > 0 {
@@ -359,12 +362,10 @@ func load(conns []*udpClient.Conn, records int, seq *atomic.Int64, d time.Durati
 					break
 				}
 				body = pack(body[:0], i, seq.Add(1), records)
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				t0 := time.Now()
-				resp, err := cc.Post(ctx, fmt.Sprintf("/s/bench-%d", i), message.AppSenmlJSON, bytes.NewReader(body))
+				code, err := cc.post(path, body)
 				el := time.Since(t0)
-				cancel()
-				if err != nil || resp.Code() != codes.Changed {
+				if err != nil || code != codes.Changed {
 					failed++
 					continue
 				}
