@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -69,6 +70,8 @@ type Uplink struct {
 	pace     float64       // 1 normally; lowered after overload answers
 	schemaOK chan struct{} // closed once the schema is known good
 	once     sync.Once     // guards schemaOK
+
+	conflictWay atomic.Int32 // batches left to send the ON CONFLICT way (see copyDirect)
 }
 
 // New checks the options and prepares the connection pool; it does not

@@ -172,6 +172,57 @@ func TestNaturalKeyDropsRedeliveredReading(t *testing.T) {
 	}
 }
 
+// TestDirectCopyFallsBackOnDuplicates: a batch is copied straight into
+// sluice.readings; one that holds readings already there is rolled back to
+// its savepoint and sent the ON CONFLICT way, as are the next batches, and
+// every reading lands once.
+func TestDirectCopyFallsBackOnDuplicates(t *testing.T) {
+	dsn := testenv.SharedPostgres(t).NewDatabase(t)
+	b := openBuffer(t)
+	u := newUplink(t, dsn, b, nil)
+	rows := func() int64 { return count(t, dsn, "SELECT count(*) FROM sluice.readings") }
+
+	fill(t, b, "s1", 1000)
+	runUntil(t, u, 30*time.Second, func() bool { return b.Stats().Readings == 0 })
+	if n := rows(); n != 1000 {
+		t.Fatalf("%d rows after the first batch, want 1000", n)
+	}
+	if left := u.conflictWay.Load(); left != 0 {
+		t.Fatalf("a batch without duplicates switched to the ON CONFLICT way (%d batches)", left)
+	}
+
+	// Readings 500..1499: the first half is already stored.
+	var rs []buffer.Reading
+	for i := 500; i < 1500; i++ {
+		rs = append(rs, reading("s1", i))
+	}
+	if _, err := b.Append(context.Background(), buffer.Message{Class: buffer.ClassTelemetry, Readings: rs}); err != nil {
+		t.Fatal(err)
+	}
+	runUntil(t, u, 30*time.Second, func() bool { return b.Stats().Readings == 0 })
+	if n := rows(); n != 1500 {
+		t.Fatalf("%d rows after the batch with duplicates, want 1500", n)
+	}
+	if got := testMetric(t, u.metrics.duplicates); got != 500 {
+		t.Fatalf("duplicates skipped = %v, want 500", got)
+	}
+	if left := u.conflictWay.Load(); left != conflictBatches {
+		t.Fatalf("after a duplicate: %d batches left the ON CONFLICT way, want %d", left, conflictBatches)
+	}
+
+	fill(t, b, "s2", 1000)
+	runUntil(t, u, 30*time.Second, func() bool { return b.Stats().Readings == 0 })
+	if n := rows(); n != 2500 {
+		t.Fatalf("%d rows at the end, want 2500", n)
+	}
+	if left := u.conflictWay.Load(); left != conflictBatches-1 {
+		t.Fatalf("the batch after a duplicate did not go the ON CONFLICT way (%d left)", left)
+	}
+	if n := count(t, dsn, "SELECT count(*) FROM (SELECT name, ts FROM sluice.readings GROUP BY name, ts HAVING count(*) > 1) d"); n != 0 {
+		t.Fatalf("%d readings stored twice", n)
+	}
+}
+
 func TestPoisonReadingGoesToDeadLetters(t *testing.T) {
 	dsn := testenv.SharedPostgres(t).NewDatabase(t)
 	b := openBuffer(t)

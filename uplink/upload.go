@@ -2,6 +2,7 @@ package uplink
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -101,8 +102,9 @@ func (u *Uplink) bisect(ctx context.Context, stream [16]byte, recs []buffer.Reco
 }
 
 // commitBatch is the exactly-once transaction: lock the stream's watermark,
-// skip what it already covers, COPY the rest into a temp table, insert what
-// the natural key does not already hold, advance the watermark, commit.
+// skip what it already covers, store the rest (copied straight in when none
+// of it is there yet, else through a temp table and an insert of what the
+// natural key does not already hold), advance the watermark, commit.
 //
 // useWatermark false (importing dead letters) skips the watermark entirely.
 func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer.Record, useWatermark bool) (inserted, skipped int64, err error) {
@@ -132,17 +134,25 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 		// acknowledge it locally.
 		return 0, skipped, nil
 	}
-	if _, err := tx.Exec(ctx, sqlTempTable); err != nil {
-		return 0, 0, fmt.Errorf("create batch table: %w", err)
-	}
-	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"sluice_batch"}, ReadingColumns, &copySource{u: u, recs: todo}); err != nil {
-		return 0, 0, fmt.Errorf("copy batch: %w", err)
+	direct, err := u.copyDirect(ctx, tx, todo)
+	if err != nil {
+		return 0, 0, err
 	}
 	post := &pgx.Batch{}
-	post.Queue(sqlInsertBatch).Exec(func(tag pgconn.CommandTag) error {
-		inserted = tag.RowsAffected()
-		return nil
-	})
+	if direct >= 0 {
+		inserted = direct
+	} else {
+		if _, err := tx.Exec(ctx, sqlTempTable); err != nil {
+			return 0, 0, fmt.Errorf("create batch table: %w", err)
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"sluice_batch"}, ReadingColumns, &copySource{u: u, recs: todo}); err != nil {
+			return 0, 0, fmt.Errorf("copy batch: %w", err)
+		}
+		post.Queue(sqlInsertBatch).Exec(func(tag pgconn.CommandTag) error {
+			inserted = tag.RowsAffected()
+			return nil
+		})
+	}
 	if useWatermark {
 		post.Queue(sqlStreamAdvance, id, int64(todo[len(todo)-1].Seq))
 	}
@@ -154,6 +164,48 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 	}
 	skipped += int64(len(todo)) - inserted
 	return inserted, skipped, nil
+}
+
+// conflictBatches is how many batches go the ON CONFLICT way after a direct
+// COPY met a reading Postgres already had: duplicates come in runs (a sensor
+// resending its backlog, a broker redelivering), and a failed COPY is
+// wasted work.
+const conflictBatches = 16
+
+// uniqueViolation is SQLSTATE unique_violation.
+const uniqueViolation = "23505"
+
+// copyDirect copies recs straight into sluice.readings under a savepoint,
+// which is about twice as fast as the temp table and INSERT ... ON CONFLICT,
+// and gives the same rows when none of recs is already there. It returns
+// the rows copied, or -1 when the caller must take the ON CONFLICT way: the
+// COPY met a natural key already stored (and was rolled back to the
+// savepoint), or a recent batch did.
+func (u *Uplink) copyDirect(ctx context.Context, tx pgx.Tx, recs []buffer.Record) (int64, error) {
+	if u.conflictWay.Load() > 0 {
+		u.conflictWay.Add(-1)
+		return -1, nil
+	}
+	sp, err := tx.Begin(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("savepoint before copy: %w", err)
+	}
+	n, err := sp.CopyFrom(ctx, pgx.Identifier{"sluice", "readings"}, ReadingColumns, &copySource{u: u, recs: recs})
+	if err == nil {
+		if err := sp.Commit(ctx); err != nil {
+			return 0, fmt.Errorf("release savepoint: %w", err)
+		}
+		return n, nil
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != uniqueViolation {
+		return 0, fmt.Errorf("copy batch: %w", err)
+	}
+	if err := sp.Rollback(ctx); err != nil {
+		return 0, fmt.Errorf("roll back to savepoint after a duplicate: %w", err)
+	}
+	u.conflictWay.Store(conflictBatches)
+	return -1, nil
 }
 
 // copySource feeds records to CopyFrom without building all rows first.
