@@ -42,11 +42,10 @@ type CoAP struct {
 	router *mux.Router
 	auth   *dtlsAuth // nil without dtls_listen
 
-	mu       sync.Mutex // guards state, lastErr, stopping, inflight
-	state    string
-	lastErr  string
-	stopping bool // no new request is taken in
-	inflight int  // requests taken in and not yet answered
+	status   ingressState
+	mu       sync.Mutex // guards stopping, inflight
+	stopping bool       // no new request is taken in
+	inflight int        // requests taken in and not yet answered
 	idle     chan struct{}
 	idleOnce sync.Once
 
@@ -92,7 +91,7 @@ func NewCoAP(opts CoAPOptions, in *Ingest, buf Appender, log *slog.Logger) (*CoA
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &CoAP{opts: opts, in: in, buf: buf, log: log, state: StateStarting, idle: make(chan struct{}),
+	c := &CoAP{opts: opts, in: in, buf: buf, log: log, status: ingressState{state: StateStarting}, idle: make(chan struct{}),
 		handshakeLog: rate.Sometimes{Interval: time.Second}}
 	if opts.DTLSListen != "" {
 		auth, err := newDTLSAuth(opts, log)
@@ -106,21 +105,12 @@ func NewCoAP(opts CoAPOptions, in *Ingest, buf Appender, log *slog.Logger) (*CoA
 }
 
 // State is the listener state and the last error, for status.
-func (c *CoAP) State() (state, lastErr string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.state, c.lastErr
-}
+func (c *CoAP) State() (state, lastErr string) { return c.status.get() }
 
 // setState records a state change; one with an error is returned by Run,
 // which is where it is logged.
 func (c *CoAP) setState(s string, err error) {
-	c.mu.Lock()
-	c.state = s
-	if err != nil {
-		c.lastErr = err.Error()
-	}
-	c.mu.Unlock()
+	c.status.set(s, err)
 	if err == nil {
 		c.log.Info("coap state", "state", s)
 	}

@@ -182,3 +182,29 @@ const rejectLogInterval = 200 * time.Millisecond
 func (in *Ingest) Counts() (readingsIn, rejected int64) {
 	return in.metrics.totals()
 }
+
+// ingressState is an ingress's state and last error, for status.
+type ingressState struct {
+	mu      sync.Mutex
+	state   string
+	lastErr string
+}
+
+func (s *ingressState) get() (state, lastErr string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state, s.lastErr
+}
+
+// set records state and, when err is not nil, err as the last error; it
+// reports whether the state changed.
+func (s *ingressState) set(state string, err error) (changed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed = s.state != state
+	s.state = state
+	if err != nil {
+		s.lastErr = err.Error()
+	}
+	return changed
+}

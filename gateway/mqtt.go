@@ -45,9 +45,7 @@ type MQTT struct {
 	stopping atomic.Bool  // set first when Run begins to stop
 	holding  atomic.Bool  // a message is held because the buffer refused it
 	sendMu   sync.RWMutex // held shared by onPublish while it sends on queue; Run takes it to close queue
-	mu       sync.Mutex   // guards state, lastErr
-	state    string
-	lastErr  string
+	status   ingressState
 }
 
 // inflight is a received message on its way to acknowledgement.
@@ -82,30 +80,19 @@ func NewMQTT(opts MQTTOptions, gatewayID string, in *Ingest, buf Appender, log *
 	}
 	m := &MQTT{
 		opts: opts, in: in, buf: buf, log: log, broker: u,
-		queue: make(chan paho.PublishReceived, opts.ReceiveMaximum),
-		acks:  make(chan *inflight, opts.ReceiveMaximum),
-		state: StateStarting,
+		queue:  make(chan paho.PublishReceived, opts.ReceiveMaximum),
+		acks:   make(chan *inflight, opts.ReceiveMaximum),
+		status: ingressState{state: StateStarting},
 	}
 	m.subs.Store(&opts.Subscriptions)
 	return m, nil
 }
 
 // State is the connection state and the last error, for status.
-func (m *MQTT) State() (state, lastErr string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.state, m.lastErr
-}
+func (m *MQTT) State() (state, lastErr string) { return m.status.get() }
 
 func (m *MQTT) setState(s string, err error) {
-	m.mu.Lock()
-	changed := m.state != s
-	m.state = s
-	if err != nil {
-		m.lastErr = err.Error()
-	}
-	m.mu.Unlock()
-	if changed {
+	if m.status.set(s, err) {
 		if err != nil {
 			m.log.Warn("mqtt state", "state", s, "err", err)
 		} else {
