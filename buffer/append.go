@@ -290,6 +290,10 @@ func (b *Buffer) commit(batch []*Pending) {
 	b.mu.Lock()
 	b.full = full
 	b.mu.Unlock()
+	// Counted before any caller learns its append is done, as the state is.
+	if err == nil && b.opts.OnCommit != nil {
+		b.opts.OnCommit(time.Since(start), readings)
+	}
 	for i, p := range batch {
 		switch {
 		case err != nil && isNoSpace(err):
@@ -299,9 +303,6 @@ func (b *Buffer) commit(batch []*Pending) {
 		default:
 			p.finish(results[i], errs[i])
 		}
-	}
-	if err == nil && b.opts.OnCommit != nil {
-		b.opts.OnCommit(time.Since(start), readings)
 	}
 }
 

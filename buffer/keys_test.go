@@ -9,24 +9,33 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// TestKeysSurviveReopen: the in-memory key index is rebuilt from the file,
-// with the same window, and the key bytes are counted again.
-func TestKeysSurviveReopen(t *testing.T) {
-	dir := t.TempDir()
+// writeKeys appends one message per id, each with its MQTT key kept in a
+// window of keep, closes the buffer and returns its key bytes before Close.
+func writeKeys(t *testing.T, dir string, keep int, ids ...string) int64 {
+	t.Helper()
 	b, err := Open(Options{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
 	m := msg(ClassTelemetry, reading("s1", 1))
-	for _, id := range []string{"a", "b", "c", "d"} {
-		m.Key = &Key{Space: "mqtt", ID: []byte(id), Keep: 3}
+	for _, id := range ids {
+		m.Key = &Key{Space: "mqtt", ID: []byte(id), Keep: keep}
 		mustAppend(t, b, m)
 	}
-	before := b.Stats().KeyBytes
+	keyBytes := b.Stats().KeyBytes
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	b = openTest(t, dir, Options{})
+	return keyBytes
+}
+
+// TestKeysSurviveReopen: the in-memory key index is rebuilt from the file,
+// with the same window, and the key bytes are counted again.
+func TestKeysSurviveReopen(t *testing.T) {
+	dir := t.TempDir()
+	before := writeKeys(t, dir, 3, "a", "b", "c", "d")
+	b := openTest(t, dir, Options{})
+	m := msg(ClassTelemetry, reading("s1", 1))
 	if got := b.Stats().KeyBytes; got != before || got != 3*accountedKey([]byte("a")) {
 		t.Fatalf("key bytes after reopen %d, before %d, want %d", got, before, 3*accountedKey([]byte("a")))
 	}
@@ -47,16 +56,7 @@ func TestKeysSurviveReopen(t *testing.T) {
 // keys intact and the old bucket and count removed.
 func TestKeysFromOldLayout(t *testing.T) {
 	dir := t.TempDir()
-	b, err := Open(Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := msg(ClassTelemetry, reading("s1", 1))
-	m.Key = &Key{Space: "mqtt", ID: []byte("kept"), Keep: 10}
-	mustAppend(t, b, m)
-	if err := b.Close(); err != nil {
-		t.Fatal(err)
-	}
+	writeKeys(t, dir, 10, "kept")
 	db, err := bolt.Open(filepath.Join(dir, FileName), 0o600, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -77,10 +77,11 @@ func TestKeysFromOldLayout(t *testing.T) {
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
 	}
-	b = openTest(t, dir, Options{})
+	b := openTest(t, dir, Options{})
 	if got, want := b.Stats().KeyBytes, accountedKey([]byte("kept")); got != want {
 		t.Fatalf("key bytes %d, want %d", got, want)
 	}
+	m := msg(ClassTelemetry, reading("s1", 1))
 	m.Key = &Key{Space: "mqtt", ID: []byte("kept"), Check: true, Keep: 10}
 	if res := mustAppend(t, b, m); !res.Duplicate {
 		t.Fatal("key of the old layout not found")

@@ -66,7 +66,8 @@ type Options struct {
 	// Logger receives state changes (nil: discard).
 	Logger *slog.Logger
 	// OnCommit, when set, is called after every append transaction with its
-	// duration and reading count; it must not block.
+	// duration and reading count, before the appends it committed return; it
+	// must not block.
 	OnCommit func(d time.Duration, readings int)
 	// Now is the wall clock (default time.Now); tests replace it.
 	Now func() time.Time

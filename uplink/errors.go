@@ -21,6 +21,12 @@ const (
 	classContent
 )
 
+// isUniqueViolation reports SQLSTATE 23505: a natural key already stored.
+func isUniqueViolation(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "23505"
+}
+
 // classify decides once, here, what a Postgres error means for the batch.
 func classify(err error) errClass {
 	var pgErr *pgconn.PgError

@@ -2,7 +2,6 @@ package uplink
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -134,13 +133,13 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 		// acknowledge it locally.
 		return 0, skipped, nil
 	}
-	direct, err := u.copyDirect(ctx, tx, todo)
+	copied, direct, err := u.copyDirect(ctx, tx, todo)
 	if err != nil {
 		return 0, 0, err
 	}
 	post := &pgx.Batch{}
-	if direct >= 0 {
-		inserted = direct
+	if direct {
+		inserted = copied
 	} else {
 		if _, err := tx.Exec(ctx, sqlTempTable); err != nil {
 			return 0, 0, fmt.Errorf("create batch table: %w", err)
@@ -172,40 +171,36 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 // wasted work.
 const conflictBatches = 16
 
-// uniqueViolation is SQLSTATE unique_violation.
-const uniqueViolation = "23505"
-
 // copyDirect copies recs straight into sluice.readings under a savepoint,
 // which is about twice as fast as the temp table and INSERT ... ON CONFLICT,
 // and gives the same rows when none of recs is already there. It returns
-// the rows copied, or -1 when the caller must take the ON CONFLICT way: the
-// COPY met a natural key already stored (and was rolled back to the
+// the rows copied, or ok false when the caller must take the ON CONFLICT
+// way: the COPY met a natural key already stored (and was rolled back to the
 // savepoint), or a recent batch did.
-func (u *Uplink) copyDirect(ctx context.Context, tx pgx.Tx, recs []buffer.Record) (int64, error) {
+func (u *Uplink) copyDirect(ctx context.Context, tx pgx.Tx, recs []buffer.Record) (copied int64, ok bool, err error) {
 	if u.conflictWay.Load() > 0 {
 		u.conflictWay.Add(-1)
-		return -1, nil
+		return 0, false, nil
 	}
 	sp, err := tx.Begin(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("savepoint before copy: %w", err)
+		return 0, false, fmt.Errorf("savepoint before copy: %w", err)
 	}
 	n, err := sp.CopyFrom(ctx, pgx.Identifier{"sluice", "readings"}, ReadingColumns, &copySource{u: u, recs: recs})
 	if err == nil {
 		if err := sp.Commit(ctx); err != nil {
-			return 0, fmt.Errorf("release savepoint: %w", err)
+			return 0, false, fmt.Errorf("release savepoint: %w", err)
 		}
-		return n, nil
+		return n, true, nil
 	}
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || pgErr.Code != uniqueViolation {
-		return 0, fmt.Errorf("copy batch: %w", err)
+	if !isUniqueViolation(err) {
+		return 0, false, fmt.Errorf("copy batch: %w", err)
 	}
 	if err := sp.Rollback(ctx); err != nil {
-		return 0, fmt.Errorf("roll back to savepoint after a duplicate: %w", err)
+		return 0, false, fmt.Errorf("roll back to savepoint after a duplicate: %w", err)
 	}
 	u.conflictWay.Store(conflictBatches)
-	return -1, nil
+	return 0, false, nil
 }
 
 // copySource feeds records to CopyFrom without building all rows first.
