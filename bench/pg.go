@@ -122,7 +122,7 @@ func CopyCeiling(ctx context.Context, dsn, gatewayID, site string, w Workload, n
 		}
 		src := make([][]any, len(rs))
 		for k := range rs {
-			src[k] = uplink.AppendReadingRow(make([]any, 0, len(uplink.ReadingColumns)), gatewayID, site, &rs[k])
+			src[k] = readingRow(gatewayID, site, &rs[k])
 		}
 		start := time.Now()
 		c, err := conn.CopyFrom(ctx, pgx.Identifier{"sluice", "readings"}, uplink.ReadingColumns, pgx.CopyFromRows(src))
@@ -133,4 +133,28 @@ func CopyCeiling(ctx context.Context, dsn, gatewayID, site string, w Workload, n
 		}
 	}
 	return rows, took, nil
+}
+
+// readingRow is r's values in uplink.ReadingColumns order, as pgx's CopyFrom
+// takes them.
+func readingRow(gatewayID, site string, r *buffer.Reading) []any {
+	var value, text, boolean, data, sum, seq any
+	switch r.Kind {
+	case buffer.KindNumber:
+		value = r.Number
+	case buffer.KindString:
+		text = r.Text
+	case buffer.KindBool:
+		boolean = r.Bool
+	case buffer.KindData:
+		data = r.Data
+	}
+	if r.HasSum {
+		sum = r.Sum
+	}
+	if r.HasSensorSeq {
+		seq = r.SensorSeq
+	}
+	return []any{gatewayID, site, r.Name, r.Sensor, r.Metric, r.Unit, r.Time,
+		value, text, boolean, data, sum, seq, r.Received, r.ClockSynced}
 }

@@ -11,14 +11,6 @@ import (
 	"github.com/sluice-gw/sluice/buffer"
 )
 
-// ReadingColumns are sluice.readings' columns in COPY order, as
-// AppendReadingRow fills them.
-var ReadingColumns = []string{
-	"gateway_id", "site", "name", "sensor", "metric", "unit", "ts",
-	"value", "value_text", "value_bool", "value_data", "value_sum",
-	"sensor_seq", "received_at", "clock_synced",
-}
-
 // Statements of the batch transaction. The temp table lives only inside the
 // transaction (ON COMMIT DROP): no session state, so PgBouncer's transaction
 // pooling may hand the next transaction to another server connection.
@@ -144,7 +136,7 @@ func (u *Uplink) commitBatch(ctx context.Context, stream [16]byte, recs []buffer
 		if _, err := tx.Exec(ctx, sqlTempTable); err != nil {
 			return 0, 0, fmt.Errorf("create batch table: %w", err)
 		}
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"sluice_batch"}, ReadingColumns, &copySource{u: u, recs: todo}); err != nil {
+		if _, err := copyReadings(ctx, tx.Conn().PgConn(), "sluice_batch", u.opts.GatewayID, u.opts.Site, todo); err != nil {
 			return 0, 0, fmt.Errorf("copy batch: %w", err)
 		}
 		post.Queue(sqlInsertBatch).Exec(func(tag pgconn.CommandTag) error {
@@ -186,7 +178,7 @@ func (u *Uplink) copyDirect(ctx context.Context, tx pgx.Tx, recs []buffer.Record
 	if err != nil {
 		return 0, false, fmt.Errorf("savepoint before copy: %w", err)
 	}
-	n, err := sp.CopyFrom(ctx, pgx.Identifier{"sluice", "readings"}, ReadingColumns, &copySource{u: u, recs: recs})
+	n, err := copyReadings(ctx, sp.Conn().PgConn(), "sluice.readings", u.opts.GatewayID, u.opts.Site, recs)
 	if err == nil {
 		if err := sp.Commit(ctx); err != nil {
 			return 0, false, fmt.Errorf("release savepoint: %w", err)
@@ -202,52 +194,6 @@ func (u *Uplink) copyDirect(ctx context.Context, tx pgx.Tx, recs []buffer.Record
 	u.conflictWay.Store(conflictBatches)
 	return 0, false, nil
 }
-
-// copySource feeds records to CopyFrom without building all rows first.
-type copySource struct {
-	u    *Uplink
-	recs []buffer.Record
-	i    int
-	row  []any // reused for every row
-}
-
-func (c *copySource) Next() bool {
-	c.i++
-	return c.i <= len(c.recs)
-}
-
-func (c *copySource) Values() ([]any, error) {
-	c.row = AppendReadingRow(c.row[:0], c.u.opts.GatewayID, c.u.opts.Site, &c.recs[c.i-1].Reading)
-	return c.row, nil
-}
-
-// AppendReadingRow appends r's values in ReadingColumns order to dst, for a
-// reading of gatewayID at site.
-func AppendReadingRow(dst []any, gatewayID, site string, r *buffer.Reading) []any {
-	var value, sum, seq any
-	var text, boolean, data any
-	switch r.Kind {
-	case buffer.KindNumber:
-		value = r.Number
-	case buffer.KindString:
-		text = r.Text
-	case buffer.KindBool:
-		boolean = r.Bool
-	case buffer.KindData:
-		data = r.Data
-	}
-	if r.HasSum {
-		sum = r.Sum
-	}
-	if r.HasSensorSeq {
-		seq = r.SensorSeq
-	}
-	return append(dst, gatewayID, site, r.Name, r.Sensor, r.Metric, r.Unit, r.Time,
-		value, text, boolean, data, sum,
-		seq, r.Received, r.ClockSynced)
-}
-
-func (c *copySource) Err() error { return nil }
 
 func streamString(s [16]byte) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", s[0:4], s[4:6], s[6:8], s[8:10], s[10:16])

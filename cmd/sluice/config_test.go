@@ -44,6 +44,9 @@ func TestConfigDefaults(t *testing.T) {
 	if len(errs) > 0 || mq.Subscriptions[0].QoS != 1 {
 		t.Fatalf("subscription qos default: %+v %v", mq.Subscriptions, errs)
 	}
+	if cfg.Runtime.MemoryLimit.Bytes != 20<<20 || cfg.Runtime.GCPercent != 400 {
+		t.Fatalf("runtime defaults: memory_limit %d, gc_percent %d; want 20MiB, 400", cfg.Runtime.MemoryLimit.Bytes, cfg.Runtime.GCPercent)
+	}
 }
 
 func TestConfigUnknownKeyIsNamed(t *testing.T) {
@@ -78,6 +81,9 @@ batch_size = "many"
 heartbeat = "0.1s"
 [log]
 level = "chatty"
+[runtime]
+memory_limit = "1MiB"
+gc_percent = 5
 [nonsense]
 x = 1
 `
@@ -91,7 +97,7 @@ x = 1
 		"nonsense: unknown key",
 		"gateway.clock:", "mqtt.broker:", "mqtt.subscribe[0].topic:", "mqtt.subscribe[0].format:",
 		"mqtt.subscribe[0].qos:", "mqtt.subscribe[0].priority:", "buffer.on_full:", "buffer.max_bytes:",
-		"uplink.heartbeat:", "log.level:",
+		"uplink.heartbeat:", "log.level:", "runtime.memory_limit:", "runtime.gc_percent:",
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("problems do not include %q:\n%v", want, err)

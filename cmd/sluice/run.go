@@ -44,8 +44,11 @@ func (r *runCmd) Run() error {
 	}
 	level := new(slog.LevelVar)
 	log := newLogger(cfg.Log, level, os.Stderr)
-	if cfg.Runtime.MemoryLimit.Bytes > 0 && os.Getenv("GOMEMLIMIT") == "" {
+	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(cfg.Runtime.MemoryLimit.Bytes)
+	}
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(cfg.Runtime.GCPercent)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
