@@ -1,7 +1,6 @@
 package buffer
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -12,21 +11,6 @@ import (
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 )
-
-// Key is a message's idempotency key: stored in the transaction that appends
-// the message, so that a redelivery of it can be recognised after a crash.
-type Key struct {
-	Space string // "mqtt", "coap": keys of different ingresses never meet
-	ID    []byte
-	// Check marks a redelivery: when ID is already stored the message is a
-	// duplicate and nothing is appended. A first delivery is never checked, so
-	// an old key cannot swallow a new message that repeats it.
-	Check bool
-	// Keep bounds the space to the last Keep keys stored (0: no count bound).
-	Keep int
-	// TTL drops keys stored longer ago than this (0: no age bound).
-	TTL time.Duration
-}
 
 // Message is what one source delivery adds: all of it is stored or none.
 type Message struct {
@@ -187,21 +171,14 @@ const (
 
 // txn is one write transaction's working copy of the state.
 type txn struct {
-	b     *Buffer
-	tx    *bolt.Tx
-	st    state
-	enc   []byte
-	added int
-	evict bool        // drop-oldest may evict in this transaction
-	undo  []keyChange // index changes, undone if the commit fails
-}
-
-// keyChange is one index entry as it was before the transaction.
-type keyChange struct {
-	space string
-	id    keyID
-	prev  uint64
-	had   bool
+	b      *Buffer
+	tx     *bolt.Tx
+	st     state
+	added  int
+	evict  bool                   // drop-oldest may evict in this transaction
+	chunks [2]chunkBuilder        // the records appended to each class, indexed like Classes
+	keys   map[string]*keyBuilder // the keys stored in each space
+	undo   []keyChange            // index changes, undone if the commit fails
 }
 
 func (b *Buffer) commit(batch []*Pending) {
@@ -310,22 +287,23 @@ func (b *Buffer) commit(batch []*Pending) {
 // this message only; the transaction goes on with the others.
 func (t *txn) append(m *Message) (Result, error) {
 	if m.Key != nil && m.Key.Check {
-		if t.hasKey(m.Key.Space, m.Key.ID) {
+		if t.hasKey(m.Key) {
 			return Result{Duplicate: true}, nil
 		}
 	}
 	ci := m.Class.index()
-	// bbolt keeps the value slices until commit, so encodings are only ever
-	// appended to t.enc, never written over.
+	// The message's records go into t.b.scratch first: its size decides
+	// whether it fits before anything of it is stored.
+	enc := t.b.scratch[:0]
+	ends := t.b.ends[:0]
 	var need uint64
-	offs := make([]int, 0, len(m.Readings)+1)
 	for i := range m.Readings {
-		offs = append(offs, len(t.enc))
-		t.enc = AppendRecord(t.enc, &m.Readings[i])
-		need += accounted(t.enc[offs[i]:])
+		start := len(enc)
+		enc = AppendRecord(enc, &m.Readings[i])
+		ends = append(ends, len(enc))
+		need += recordCost(enc[start:])
 	}
-	offs = append(offs, len(t.enc))
-	enc := t.enc
+	t.b.scratch, t.b.ends = enc, ends
 	// Too large is judged against the configured budget, not the current
 	// one: a message that merely waits for room is full, not too large.
 	if int64(need) > t.b.fullBudget/2 {
@@ -335,6 +313,7 @@ func (t *txn) append(m *Message) (Result, error) {
 	if t.b.lowDisk.Load() {
 		limit = min(limit, t.st.usedBytes())
 	}
+	need += chunkOverhead // at most one chunk more
 	if m.Key != nil {
 		need += uint64(accountedKey(m.Key.ID))
 	}
@@ -347,18 +326,17 @@ func (t *txn) append(m *Message) (Result, error) {
 		}
 	}
 	cs := &t.st.classes[ci]
-	q := t.tx.Bucket(queueBucket(m.Class))
-	q.FillPercent = 1 // keys only grow: pack pages full
-	for i := range m.Readings {
-		if err := q.Put(seqKey(cs.nextSeq), enc[offs[i]:offs[i+1]]); err != nil {
+	start := 0
+	for i, end := range ends {
+		if err := t.addRecord(ci, enc[start:end]); err != nil {
 			return Result{}, err
 		}
+		start = end
 		if cs.readings == 0 {
 			cs.oldest = m.Readings[i].Received
 		}
 		cs.nextSeq++
 		cs.readings++
-		cs.bytes += accounted(enc[offs[i]:offs[i+1]])
 	}
 	if m.Key != nil {
 		if err := t.putKey(m.Key); err != nil {
@@ -369,31 +347,85 @@ func (t *txn) append(m *Message) (Result, error) {
 	return Result{Stored: len(m.Readings)}, nil
 }
 
+// addRecord adds the record of class ci's next sequence number to the
+// class's chunk, storing the chunk first when the record would take it past
+// the chunk size.
+func (t *txn) addRecord(ci int, rec []byte) error {
+	c := &t.chunks[ci]
+	cs := &t.st.classes[ci]
+	if !c.empty() && len(c.b)+len(rec)+binary.MaxVarintLen32 > t.b.maxChunk {
+		if err := t.putChunk(ci); err != nil {
+			return err
+		}
+	}
+	if c.empty() {
+		// The first chunk of a commit reuses the buffer of the last commit's;
+		// bbolt holds a stored chunk's bytes until this commit ends.
+		buf := t.b.chunkBufs[ci]
+		t.b.chunkBufs[ci] = nil
+		c.start(cs.nextSeq, buf)
+		cs.bytes += chunkOverhead
+	}
+	c.add(rec)
+	cs.bytes += recordCost(rec)
+	return nil
+}
+
+// putChunk stores class ci's chunk and starts none.
+func (t *txn) putChunk(ci int) error {
+	c := &t.chunks[ci]
+	q := t.tx.Bucket(queueBucket(Classes[ci]))
+	q.FillPercent = 1 // keys only grow: pack pages full
+	if err := q.Put(seqKey(c.first), c.b); err != nil {
+		return err
+	}
+	*c = chunkBuilder{}
+	return nil
+}
+
 // evictUntil drops the oldest readings, lowest priority first, until the
-// accounted readings and keys are at most target bytes (or no reading is left).
+// accounted readings and keys are at most target bytes (or no reading is
+// left). It drops whole chunks: a chunk's bytes are freed only with its
+// last record.
 func (t *txn) evictUntil(target int64) error {
 	for ci := len(Classes) - 1; ci >= 0 && t.st.usedBytes() > target; ci-- {
-		cs := &t.st.classes[ci]
-		q := t.tx.Bucket(queueBucket(Classes[ci]))
-		err := deleteFront(q, func(_, v []byte) bool {
+		if !t.chunks[ci].empty() {
+			// Records of this very transaction, not yet stored: store them,
+			// so that eviction sees them in order.
+			if err := t.putChunk(ci); err != nil {
+				return err
+			}
+		}
+		err := t.consume(ci, func(uint64, []byte) bool {
 			if t.st.usedBytes() <= target {
 				return false
 			}
-			cs.readings--
-			cs.bytes -= accounted(v)
 			t.st.dropped[DropFull]++
 			return true
 		})
 		if err != nil {
 			return err
 		}
-		cs.oldest = headReceived(q)
 	}
 	return nil
 }
 
-// persist writes the working state's counters into the transaction.
+// persist stores what the transaction gathered (chunks, keys) and writes the
+// working state's counters.
 func (t *txn) persist() error {
+	for ci := range t.chunks {
+		if t.chunks[ci].empty() {
+			continue
+		}
+		buf := t.chunks[ci].b
+		if err := t.putChunk(ci); err != nil {
+			return err
+		}
+		t.b.chunkBufs[ci] = buf[:0] // free again once the commit has ended
+	}
+	if err := t.flushKeys(); err != nil {
+		return err
+	}
 	sb := t.tx.Bucket(bucketStreams)
 	for i, c := range Classes {
 		if err := sb.Put([]byte(c), encodeStream(&t.st.classes[i])); err != nil {
@@ -405,110 +437,6 @@ func (t *txn) persist() error {
 		return err
 	}
 	return m.Put(keyDeadCount, binary.BigEndian.AppendUint64(nil, uint64(t.st.deadLetters)))
-}
-
-func orderBucket(space string) []byte { return []byte("ko:" + space) }
-
-// putKey stores k and prunes its space. On file the order bucket lists keys
-// by insertion (order -> time + key), so a store is an append at its end and
-// pruning takes from its front: two leaves per commit however many keys are
-// kept. Lookups go to the in-memory index, which the transaction updates and
-// rolls back if the commit fails.
-func (t *txn) putKey(k *Key) error {
-	ob, err := t.tx.CreateBucketIfNotExists(orderBucket(k.Space))
-	if err != nil {
-		return err
-	}
-	ob.FillPercent = 1
-	order, err := ob.NextSequence()
-	if err != nil {
-		return err
-	}
-	ov := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(k.ID)), uint64(t.b.opts.Now().UnixMicro()))
-	if err := ob.Put(seqKey(order), append(ov, k.ID...)); err != nil {
-		return err
-	}
-	t.setKey(k.Space, t.b.fp(k.ID), order)
-	t.st.keyBytes += accountedKey(k.ID)
-	cutoff := int64(-1 << 63)
-	if k.TTL > 0 {
-		cutoff = t.b.opts.Now().Add(-k.TTL).UnixMicro()
-	}
-	return deleteFront(ob, func(key, v []byte) bool {
-		o := binary.BigEndian.Uint64(key)
-		stale := k.Keep > 0 && order-o >= uint64(k.Keep)
-		expired := len(v) >= 8 && int64(binary.BigEndian.Uint64(v)) < cutoff
-		if !stale && !expired {
-			return false
-		}
-		id := v[min(8, len(v)):]
-		t.st.keyBytes = max(0, t.st.keyBytes-accountedKey(id))
-		// The key may have been stored again since (or another id shares its
-		// fingerprint): forget it only if this entry is still the latest.
-		if ik := t.b.fp(id); t.b.keys[k.Space][ik] == o {
-			t.setKey(k.Space, ik, 0)
-		}
-		return true
-	})
-}
-
-// deleteFront deletes entries from the front of bk (8-byte sequence keys)
-// for as long as take, which sees each entry first, returns true. It seeks
-// past the deleted key rather than taking First again: leaves emptied in this
-// transaction stay until commit and First walks them all, which made a large
-// deletion quadratic.
-func deleteFront(bk *bolt.Bucket, take func(k, v []byte) bool) error {
-	c := bk.Cursor()
-	var at [8]byte
-	for k, v := c.First(); k != nil && take(k, v); k, v = c.Seek(at[:]) {
-		copy(at[:], k)
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// hasKey reports whether id is a stored key of space: its fingerprint is in
-// the index and the entry on file holds this very id.
-func (t *txn) hasKey(space string, id []byte) bool {
-	order, ok := t.b.keys[space][t.b.fp(id)]
-	if !ok {
-		return false
-	}
-	v := t.tx.Bucket(orderBucket(space)).Get(seqKey(order))
-	return len(v) >= 8 && bytes.Equal(v[8:], id)
-}
-
-// setKey records id's latest order in the index (0: forget it) and how to
-// undo that.
-func (t *txn) setKey(space string, ik keyID, order uint64) {
-	idx := t.b.keys[space]
-	if idx == nil {
-		idx = make(map[keyID]uint64)
-		t.b.keys[space] = idx
-	}
-	prev, had := idx[ik]
-	t.undo = append(t.undo, keyChange{space: space, id: ik, prev: prev, had: had})
-	if order == 0 {
-		delete(idx, ik)
-	} else {
-		idx[ik] = order
-	}
-}
-
-// rollback undoes the transaction's index changes, newest first, after its
-// commit failed.
-func (t *txn) rollback() {
-	for i := len(t.undo) - 1; i >= 0; i-- {
-		u := t.undo[i]
-		if u.had {
-			t.b.keys[u.space][u.id] = u.prev
-		} else {
-			delete(t.b.keys[u.space], u.id)
-		}
-	}
-	t.undo = nil
 }
 
 // isNoSpace reports a commit that failed because the file could not grow.

@@ -1,7 +1,6 @@
 package buffer
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -20,9 +19,11 @@ import (
 // FileName is the buffer's file inside the data directory.
 const FileName = "buffer.db"
 
-// formatVersion is the layout of buckets and keys; a file of another layout
-// is moved aside rather than misread.
-const formatVersion = 1
+// formatVersion is the layout of buckets and keys; a file of a later layout
+// is moved aside rather than misread. Format 2 stores records and keys in
+// chunks (chunk.go, keys.go) and each class's head; a format 1 file (a value
+// per reading and per key) is read as it is and becomes format 2 at open.
+const formatVersion = 2
 
 // Bucket and key names.
 var (
@@ -65,6 +66,10 @@ type Buffer struct {
 	rec        *Recovery                   // what Open had to do, if anything
 	keys       map[string]map[keyID]uint64 // idempotency keys by space: fingerprint -> order (writeMu)
 	fp         func([]byte) keyID          // fingerprint; tests replace it to force collisions
+	scratch    []byte                      // one message's encoded records (writeMu)
+	ends       []int                       // where each of them ends in scratch (writeMu)
+	chunkBufs  [2][]byte                   // chunk buffers free for the next commit, by class (writeMu)
+	maxChunk   int                         // the largest chunk that is not alone in a page
 
 	gatewayID, site string // as stored in the file
 }
@@ -150,6 +155,7 @@ func (b *Buffer) openFile() error {
 		}
 	}
 	b.db = db
+	b.maxChunk = maxChunkBytes(db.Info().PageSize)
 	return nil
 }
 
@@ -262,8 +268,9 @@ func salvageCount(path string) (n int64) {
 		}
 		var total int64
 		for _, c := range Classes {
-			if v := sb.Get([]byte(c)); len(v) == streamValueLen {
-				total += int64(decodeStream(v).readings)
+			if v := sb.Get([]byte(c)); len(v) == streamValueLen || len(v) == streamValueLenV1 {
+				cs, _ := decodeStream(v)
+				total += int64(cs.readings)
 			}
 		}
 		n = total
@@ -284,7 +291,7 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 	var clean bool
 	if err := db.View(func(tx *bolt.Tx) error {
 		if m := tx.Bucket(bucketMeta); m != nil {
-			if v := m.Get(keyFormat); v != nil && (len(v) != 4 || binary.BigEndian.Uint32(v) != formatVersion) {
+			if v := m.Get(keyFormat); v != nil && (len(v) != 4 || binary.BigEndian.Uint32(v) == 0 || binary.BigEndian.Uint32(v) > formatVersion) {
 				return fmt.Errorf("unknown buffer format %x", v)
 			}
 			clean = len(m.Get(keyClean)) == 1 && m.Get(keyClean)[0] == 1
@@ -351,22 +358,33 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 			}
 			cs := &st.classes[i]
 			if v := sb.Get([]byte(c)); v != nil {
-				if len(v) != streamValueLen {
+				if len(v) != streamValueLen && len(v) != streamValueLenV1 {
 					return fmt.Errorf("stream record of class %s has %d bytes", c, len(v))
 				}
-				*cs = decodeStream(v)
+				var hasHead bool
+				if *cs, hasHead = decodeStream(v); !hasHead {
+					// Format 1: the queue starts at its first record.
+					cs.head = cs.nextSeq
+					if k, _ := q.Cursor().First(); k != nil {
+						cs.head = binary.BigEndian.Uint64(k)
+					}
+				}
+				if cs.head > cs.nextSeq {
+					return fmt.Errorf("stream of class %s: head %d is past the next sequence number %d", c, cs.head, cs.nextSeq)
+				}
+				cs.readings = cs.nextSeq - cs.head
 			} else {
 				if _, err := rand.Read(cs.stream[:]); err != nil {
 					return fmt.Errorf("make stream id: %w", err)
 				}
 				cs.stream[6] = cs.stream[6]&0x0f | 0x40 // UUID version 4
 				cs.stream[8] = cs.stream[8]&0x3f | 0x80 // RFC 4122 variant
-				cs.nextSeq = 1
-				if err := sb.Put([]byte(c), encodeStream(cs)); err != nil {
-					return err
-				}
+				cs.nextSeq, cs.head = 1, 1
 			}
-			cs.oldest = headReceived(q)
+			if err := sb.Put([]byte(c), encodeStream(cs)); err != nil {
+				return err
+			}
+			cs.oldest = headReceived(q, cs)
 		}
 		st.dropped = decodeCounters(m.Get(keyDropped))
 		if v := m.Get(keyDeadCount); len(v) == 8 {
@@ -383,62 +401,6 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 	}
 	b.st = st
 	return nil
-}
-
-// loadKeys builds the in-memory index of idempotency keys from the order
-// buckets and returns their accounted bytes. It removes what versions before
-// the index kept on file (the id -> order buckets and their byte count).
-func (b *Buffer) loadKeys(tx *bolt.Tx) (int64, error) {
-	b.keys = make(map[string]map[keyID]uint64)
-	var total int64
-	var old [][]byte
-	err := tx.ForEach(func(name []byte, bk *bolt.Bucket) error {
-		switch {
-		case len(name) > 2 && string(name[:2]) == "k:":
-			old = append(old, bytes.Clone(name))
-		case len(name) > 3 && string(name[:3]) == "ko:":
-			idx := make(map[keyID]uint64)
-			b.keys[string(name[3:])] = idx
-			return bk.ForEach(func(k, v []byte) error {
-				if len(k) != 8 || len(v) < 8 {
-					return fmt.Errorf("key order entry %x of %s is malformed", k, name)
-				}
-				idx[b.fp(v[8:])] = binary.BigEndian.Uint64(k)
-				total += accountedKey(v[8:])
-				return nil
-			})
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, err
-	}
-	for _, name := range old {
-		if err := tx.DeleteBucket(name); err != nil {
-			return 0, fmt.Errorf("remove old key bucket %s: %w", name, err)
-		}
-	}
-	if err := tx.Bucket(bucketMeta).Delete(keyKeyBytes); err != nil {
-		return 0, err
-	}
-	return total, nil
-}
-
-// headReceived is the receive time of the first decodable record of q,
-// zero when empty. An undecodable record is skipped here; Peek drops it.
-func headReceived(q *bolt.Bucket) time.Time {
-	c := q.Cursor()
-	k, v := c.First()
-	for range 16 {
-		if k == nil {
-			return time.Time{}
-		}
-		if r, err := DecodeRecord(v); err == nil {
-			return r.Received
-		}
-		k, v = c.Next()
-	}
-	return time.Time{}
 }
 
 // guard runs fn with memory faults turned into panics and any panic from

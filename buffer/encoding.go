@@ -114,8 +114,12 @@ func appendString(dst []byte, s string) []byte {
 
 // DecodeRecord decodes one record made by AppendRecord. The result shares no
 // memory with b, so b may be a bbolt value that is only valid in its transaction.
-func DecodeRecord(b []byte) (Reading, error) {
-	d := decoder{b: b}
+func DecodeRecord(b []byte) (Reading, error) { return decodeRecord(b, nil) }
+
+// decodeRecord is DecodeRecord with the strings made by str (nil: each its
+// own copy).
+func decodeRecord(b []byte, str func([]byte) string) (Reading, error) {
+	d := decoder{b: b, str: str}
 	var r Reading
 	if v := d.byte(); v != recordVersion {
 		if d.err != nil {
@@ -206,6 +210,7 @@ func DecodeRecord(b []byte) (Reading, error) {
 type decoder struct {
 	b   []byte
 	err error
+	str func([]byte) string // makes a string of bytes in b; nil: a copy each
 }
 
 func (d *decoder) fail(what string) {
@@ -271,5 +276,9 @@ func (d *decoder) string() string {
 		d.fail("string")
 		return ""
 	}
-	return string(d.bytes(int(n)))
+	b := d.bytes(int(n))
+	if d.str != nil {
+		return d.str(b)
+	}
+	return string(b)
 }

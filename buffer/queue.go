@@ -40,7 +40,11 @@ type DeadLetter struct {
 // class that has any; an empty batch when there are none. The records are
 // copies: Peek's read transaction has ended when it returns, so a slow upload
 // does not pin pages of the file.
-func (b *Buffer) Peek(max int) (Batch, error) {
+func (b *Buffer) Peek(max int) (Batch, error) { return b.PeekAppend(nil, max) }
+
+// PeekAppend is Peek that appends the records to dst[:0], so that a caller
+// that is done with its last batch can lend it for the next.
+func (b *Buffer) PeekAppend(dst []Record, max int) (Batch, error) {
 	b.mu.Lock()
 	st := b.st
 	b.mu.Unlock()
@@ -54,57 +58,63 @@ func (b *Buffer) Peek(max int) (Batch, error) {
 	if ci < 0 || max <= 0 {
 		return Batch{}, nil
 	}
-	batch := Batch{Class: Classes[ci], Stream: st.classes[ci].stream}
-	var corrupt []byte // key of an undecodable record at the head of the queue
+	cs := &st.classes[ci]
+	if n := int(min(uint64(max), cs.readings)); cap(dst) < n {
+		dst = make([]Record, 0, n)
+	}
+	batch := Batch{Class: Classes[ci], Stream: cs.stream, Records: dst[:0]}
+	corrupt := false // the record at the head does not decode
 	err := b.guard(func() error {
 		return b.db.View(func(tx *bolt.Tx) error {
-			c := tx.Bucket(queueBucket(Classes[ci])).Cursor()
-			batch.Records = make([]Record, 0, min(max, int(st.classes[ci].readings)))
-			for k, v := c.First(); k != nil && len(batch.Records) < max; k, v = c.Next() {
-				r, err := DecodeRecord(v)
-				if err != nil {
-					// One rotten record must not stop the queue: the batch ends
-					// before it, and at the head it is dropped and counted.
-					if len(batch.Records) == 0 {
-						corrupt = bytes.Clone(k)
+			frontChunks(tx.Bucket(queueBucket(Classes[ci])), cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
+				strs := newArena(len(v))
+				for seq, rec := range chunkRecords(first, end, v) {
+					if seq < cs.head {
+						continue
 					}
-					b.opts.Logger.Error("buffer record does not decode", "class", string(Classes[ci]), "seq", binary.BigEndian.Uint64(k), "err", err)
-					break
+					if len(batch.Records) >= max {
+						return false
+					}
+					r, err := decodeRecord(rec, strs.str)
+					if rec == nil || err != nil {
+						// One rotten record must not stop the queue: the batch
+						// ends before it, and at the head it is dropped and counted.
+						corrupt = len(batch.Records) == 0
+						b.opts.Logger.Error("buffer record does not decode", "class", string(Classes[ci]), "seq", seq, "err", err)
+						return false
+					}
+					batch.Records = append(batch.Records, Record{Seq: seq, Reading: r})
 				}
-				batch.Records = append(batch.Records, Record{Seq: binary.BigEndian.Uint64(k), Reading: r})
-			}
+				return len(batch.Records) < max
+			})
 			return nil
 		})
 	})
 	if err != nil {
 		return Batch{}, fmt.Errorf("peek buffer: %w", err)
 	}
-	if corrupt != nil {
-		if err := b.dropCorrupt(ci, corrupt); err != nil {
+	if corrupt {
+		if err := b.dropCorrupt(ci); err != nil {
 			return Batch{}, err
 		}
-		return b.Peek(max)
+		return b.PeekAppend(dst, max)
 	}
 	return batch, nil
 }
 
-// dropCorrupt deletes an undecodable record and counts it.
-func (b *Buffer) dropCorrupt(ci int, key []byte) error {
+// dropCorrupt drops the undecodable records at the head of class ci and
+// counts them.
+func (b *Buffer) dropCorrupt(ci int) error {
 	return b.writeState(func(t *txn) error {
-		q := t.tx.Bucket(queueBucket(Classes[ci]))
-		v := q.Get(key)
-		if v == nil {
-			return nil
-		}
-		cs := &t.st.classes[ci]
-		cs.readings--
-		cs.bytes -= accounted(v)
-		t.st.dropped[DropCorrupt]++
-		if err := q.Delete(key); err != nil {
-			return err
-		}
-		cs.oldest = headReceived(q)
-		return nil
+		return t.consume(ci, func(_ uint64, rec []byte) bool {
+			if rec != nil {
+				if _, err := DecodeRecord(rec); err == nil {
+					return false
+				}
+			}
+			t.st.dropped[DropCorrupt]++
+			return true
+		})
 	})
 }
 
@@ -114,58 +124,39 @@ func (b *Buffer) dropCorrupt(ci int, key []byte) error {
 func (b *Buffer) Ack(stream [16]byte, upTo uint64, dead []DeadLetter) error {
 	b.writeMu.Lock()
 	defer b.writeMu.Unlock()
-	b.mu.Lock()
-	next := b.st
-	b.mu.Unlock()
 	ci := -1
-	for i := range next.classes {
-		if next.classes[i].stream == stream {
-			ci = i
+	err := b.writeStateLocked(func(t *txn) error {
+		for i := range t.st.classes {
+			if t.st.classes[i].stream == stream {
+				ci = i
+			}
 		}
-	}
-	if ci < 0 {
-		return fmt.Errorf("ack buffer: unknown stream %x", stream)
-	}
-	err := b.guard(func() error {
-		return b.db.Update(func(tx *bolt.Tx) error {
-			cs := &next.classes[ci]
-			q := tx.Bucket(queueBucket(Classes[ci]))
-			err := deleteFront(q, func(k, v []byte) bool {
-				if binary.BigEndian.Uint64(k) > upTo {
-					return false
-				}
-				cs.readings--
-				cs.bytes -= accounted(v)
-				return true
-			})
-			if err != nil {
+		if ci < 0 {
+			return fmt.Errorf("unknown stream %x", stream)
+		}
+		err := t.consume(ci, func(seq uint64, _ []byte) bool { return seq <= upTo })
+		if err != nil {
+			return err
+		}
+		db := t.tx.Bucket(bucketDead)
+		now := b.opts.Now()
+		for i := range dead {
+			d := &dead[i]
+			d.Class, d.Stream, d.At = Classes[ci], stream, now
+			if err := db.Put(deadKey(stream, d.Record.Seq), encodeDead(d)); err != nil {
 				return err
 			}
-			cs.oldest = headReceived(q)
-			db := tx.Bucket(bucketDead)
-			now := b.opts.Now()
-			for i := range dead {
-				d := &dead[i]
-				d.Class, d.Stream, d.At = Classes[ci], stream, now
-				if err := db.Put(deadKey(stream, d.Record.Seq), encodeDead(d)); err != nil {
-					return err
-				}
-				next.deadLetters++
-			}
-			t := txn{b: b, tx: tx, st: next}
-			if err := t.persist(); err != nil {
-				return err
-			}
-			return nil
-		})
+			t.st.deadLetters++
+		}
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("ack buffer up to %d: %w", upTo, err)
 	}
 	b.mu.Lock()
-	b.st = next
+	empty := b.st.readingBytes() == 0
 	b.mu.Unlock()
-	if next.readingBytes() == 0 {
+	if empty {
 		// Empty again: whatever crowded the file has been freed.
 		b.budget = b.fullBudget
 	}
@@ -271,26 +262,20 @@ func (b *Buffer) housekeep() {
 		return
 	}
 	err := b.writeState(func(t *txn) error {
-		for ci, c := range Classes {
-			cs := &t.st.classes[ci]
-			q := t.tx.Bucket(queueBucket(c))
-			err := deleteFront(q, func(_, v []byte) bool {
+		for ci := range Classes {
+			err := t.consume(ci, func(_ uint64, rec []byte) bool {
 				reason := DropAge
-				r, err := DecodeRecord(v)
-				if err != nil {
+				if r, err := DecodeRecord(rec); err != nil {
 					reason = DropCorrupt
 				} else if !r.Received.Before(cutoff) {
 					return false
 				}
-				cs.readings--
-				cs.bytes -= accounted(v)
 				t.st.dropped[reason]++
 				return true
 			})
 			if err != nil {
 				return err
 			}
-			cs.oldest = headReceived(q)
 		}
 		return nil
 	})
@@ -321,13 +306,24 @@ func (b *Buffer) Unsent(fn func(Class, [16]byte, Record) error) error {
 	b.mu.Unlock()
 	return b.guard(func() error {
 		return b.db.View(func(tx *bolt.Tx) error {
+			var err error
 			for ci, c := range Classes {
-				err := tx.Bucket(queueBucket(c)).ForEach(func(k, v []byte) error {
-					r, err := DecodeRecord(v)
-					if err != nil {
-						return fmt.Errorf("class %s record %x: %w", c, k, err)
+				cs := &st.classes[ci]
+				frontChunks(tx.Bucket(queueBucket(c)), cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
+					for seq, rec := range chunkRecords(first, end, v) {
+						if seq < cs.head {
+							continue
+						}
+						r, derr := DecodeRecord(rec)
+						if derr != nil {
+							err = fmt.Errorf("class %s record %d: %w", c, seq, derr)
+							return false
+						}
+						if err = fn(c, cs.stream, Record{Seq: seq, Reading: r}); err != nil {
+							return false
+						}
 					}
-					return fn(c, st.classes[ci].stream, Record{Seq: binary.BigEndian.Uint64(k), Reading: r})
+					return true
 				})
 				if err != nil {
 					return err

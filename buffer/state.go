@@ -32,31 +32,43 @@ func (r DropReason) String() string {
 // DropReasons lists every drop reason.
 var DropReasons = []DropReason{DropFull, DropAge, DropCorrupt}
 
-// classState is one class's stream as persisted in the streams bucket.
+// classState is one class's stream as persisted in the streams bucket. The
+// unsent readings are the sequence numbers head .. nextSeq-1.
 type classState struct {
 	stream   [16]byte
 	nextSeq  uint64
-	readings uint64
-	bytes    uint64    // accounted data bytes: key + value + per-element overhead
+	readings uint64    // nextSeq - head, kept on file for tools that read only the counters
+	bytes    uint64    // accounted bytes of the class's chunks
+	head     uint64    // the first unsent sequence number
 	oldest   time.Time // receive time of the first unsent reading (memory only)
 }
 
-const streamValueLen = 16 + 8 + 8 + 8
+// Stream values: stream id, next sequence number, readings, bytes, head.
+// Format 1 files have no head (40 bytes): their queue starts at its first key.
+const (
+	streamValueLen   = 16 + 8 + 8 + 8 + 8
+	streamValueLenV1 = 16 + 8 + 8 + 8
+)
 
 func encodeStream(cs *classState) []byte {
 	v := append(make([]byte, 0, streamValueLen), cs.stream[:]...)
 	v = binary.BigEndian.AppendUint64(v, cs.nextSeq)
 	v = binary.BigEndian.AppendUint64(v, cs.readings)
-	return binary.BigEndian.AppendUint64(v, cs.bytes)
+	v = binary.BigEndian.AppendUint64(v, cs.bytes)
+	return binary.BigEndian.AppendUint64(v, cs.head)
 }
 
-func decodeStream(v []byte) classState {
-	var cs classState
+// decodeStream reads a stream value of either length; hasHead is false for
+// one of format 1.
+func decodeStream(v []byte) (cs classState, hasHead bool) {
 	copy(cs.stream[:], v)
 	cs.nextSeq = binary.BigEndian.Uint64(v[16:])
 	cs.readings = binary.BigEndian.Uint64(v[24:])
 	cs.bytes = binary.BigEndian.Uint64(v[32:])
-	return cs
+	if len(v) >= streamValueLen {
+		cs.head, hasHead = binary.BigEndian.Uint64(v[40:]), true
+	}
+	return cs, hasHead
 }
 
 // state is the buffer's committed state; transactions work on a copy and
@@ -101,10 +113,9 @@ func decodeCounters(v []byte) (c [dropReasons]uint64) {
 // elementOverhead approximates bbolt's per-element cost in a leaf page.
 const elementOverhead = 16
 
-func accounted(value []byte) uint64 { return uint64(8 + len(value) + elementOverhead) }
-
-// accountedKey is what one idempotency key costs on file: its entry in the
-// order bucket (order -> time + id).
+// accountedKey is what one idempotency key costs against the budget: as
+// format 1 stored it, an element of its own (order -> time + id); in a key
+// chunk it takes less.
 func accountedKey(id []byte) int64 { return int64(len(id) + 8 + 8 + elementOverhead) }
 
 // keyID is an idempotency key as the in-memory index holds it: a 64-bit

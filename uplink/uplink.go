@@ -28,7 +28,9 @@ const queryExecMode = pgx.QueryExecModeExec
 // Implementations must be safe for concurrent use; Peek returns copies the
 // uplink may keep.
 type Source interface {
-	Peek(max int) (buffer.Batch, error)
+	// PeekAppend returns the oldest unsent readings of the highest class, at
+	// most max, appended to dst[:0] (which it may reuse).
+	PeekAppend(dst []buffer.Record, max int) (buffer.Batch, error)
 	Ack(stream [16]byte, upTo uint64, dead []buffer.DeadLetter) error
 	Changed() <-chan struct{}
 	Stats() buffer.Stats
@@ -72,6 +74,11 @@ type Uplink struct {
 	once     sync.Once     // guards schemaOK
 
 	conflictWay atomic.Int32 // batches left to send the ON CONFLICT way (see copyDirect)
+
+	// spare is the last batch's records, lent to the next PeekAppend: a batch
+	// of decoded readings is about a megabyte. Only the upload loop and, after
+	// it, Flush use it.
+	spare []buffer.Record
 }
 
 // New checks the options and prepares the connection pool; it does not
@@ -168,14 +175,16 @@ func (u *Uplink) Flush(ctx context.Context) error {
 		return err
 	}
 	for ctx.Err() == nil {
-		batch, err := u.src.Peek(u.batchSize())
+		batch, err := u.src.PeekAppend(u.spare, u.batchSize())
 		if err != nil {
 			return err
 		}
 		if len(batch.Records) == 0 {
 			return nil
 		}
-		if err := u.upload(ctx, batch); err != nil {
+		err = u.upload(ctx, batch)
+		u.spare = batch.Records
+		if err != nil {
 			return err
 		}
 	}
@@ -246,6 +255,7 @@ func (u *Uplink) uploadLoop(ctx context.Context) {
 		}
 		start := time.Now()
 		err = u.upload(ctx, batch)
+		u.spare = batch.Records // done with it: the next batch reuses its records
 		if err == nil {
 			bo.Reset()
 			u.recover(time.Since(start), ctx)
@@ -275,7 +285,7 @@ func (u *Uplink) nextBatch(ctx context.Context) (buffer.Batch, error) {
 		changed := u.src.Changed()
 		st := u.src.Stats()
 		if st.Readings >= int64(size) || (st.Readings > 0 && deadline == nil && u.waitedEnough(st)) {
-			return u.src.Peek(size)
+			return u.src.PeekAppend(u.spare, size)
 		}
 		if st.Readings > 0 && deadline == nil {
 			t := time.NewTimer(u.opts.BatchWait)
@@ -287,7 +297,7 @@ func (u *Uplink) nextBatch(ctx context.Context) (buffer.Batch, error) {
 			return buffer.Batch{}, ctx.Err()
 		case <-changed:
 		case <-deadline:
-			return u.src.Peek(size)
+			return u.src.PeekAppend(u.spare, size)
 		}
 	}
 }
