@@ -173,7 +173,8 @@ const (
 type txn struct {
 	b      *Buffer
 	tx     *bolt.Tx
-	st     state
+	base   state // the committed state the transaction started from
+	st     state // the working copy
 	added  int
 	evict  bool                   // drop-oldest may evict in this transaction
 	chunks [2]chunkBuilder        // the records appended to each class, indexed like Classes
@@ -192,7 +193,7 @@ func (b *Buffer) commit(batch []*Pending) {
 	errs := make([]error, len(batch))
 	var next state
 	attempt := func() error {
-		t := &txn{b: b, st: base, evict: b.opts.OnFull == DropOldest}
+		t := &txn{b: b, base: base, st: base, evict: b.opts.OnFull == DropOldest}
 		err := b.guard(func() error {
 			return b.db.Update(func(tx *bolt.Tx) error {
 				t.tx = tx
@@ -363,7 +364,7 @@ func (t *txn) addRecord(ci int, rec []byte) error {
 		// bbolt holds a stored chunk's bytes until this commit ends.
 		buf := t.b.chunkBufs[ci]
 		t.b.chunkBufs[ci] = nil
-		c.start(cs.nextSeq, buf)
+		c.start(cs.nextSeq, buf, t.b.maxChunk)
 		cs.bytes += chunkOverhead
 	}
 	c.add(rec)
@@ -411,7 +412,8 @@ func (t *txn) evictUntil(target int64) error {
 }
 
 // persist stores what the transaction gathered (chunks, keys) and writes the
-// working state's counters.
+// working state's counters that changed: every page a commit dirties is
+// written and synced.
 func (t *txn) persist() error {
 	for ci := range t.chunks {
 		if t.chunks[ci].empty() {
@@ -428,15 +430,22 @@ func (t *txn) persist() error {
 	}
 	sb := t.tx.Bucket(bucketStreams)
 	for i, c := range Classes {
-		if err := sb.Put([]byte(c), encodeStream(&t.st.classes[i])); err != nil {
-			return err
+		if cs := &t.st.classes[i]; *cs != t.base.classes[i] {
+			if err := sb.Put([]byte(c), encodeStream(cs)); err != nil {
+				return err
+			}
 		}
 	}
 	m := t.tx.Bucket(bucketMeta)
-	if err := m.Put(keyDropped, encodeCounters(t.st.dropped)); err != nil {
-		return err
+	if t.st.dropped != t.base.dropped {
+		if err := m.Put(keyDropped, encodeCounters(t.st.dropped)); err != nil {
+			return err
+		}
 	}
-	return m.Put(keyDeadCount, binary.BigEndian.AppendUint64(nil, uint64(t.st.deadLetters)))
+	if t.st.deadLetters != t.base.deadLetters {
+		return m.Put(keyDeadCount, binary.BigEndian.AppendUint64(nil, uint64(t.st.deadLetters)))
+	}
+	return nil
 }
 
 // isNoSpace reports a commit that failed because the file could not grow.

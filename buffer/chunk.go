@@ -61,8 +61,12 @@ type chunkBuilder struct {
 
 func (c *chunkBuilder) empty() bool { return len(c.b) == 0 }
 
-// start begins a chunk at seq in buf, which must not be in use by bbolt.
-func (c *chunkBuilder) start(seq uint64, buf []byte) {
+// start begins a chunk at seq in buf, which must not be in use by bbolt
+// (nil: a new buffer of capacity size).
+func (c *chunkBuilder) start(seq uint64, buf []byte, size int) {
+	if buf == nil {
+		buf = make([]byte, 0, size)
+	}
 	c.first = seq
 	c.b = append(buf[:0], chunkTag, 0, 0, 0, 0)
 }

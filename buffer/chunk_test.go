@@ -17,14 +17,14 @@ import (
 func TestChunkGolden(t *testing.T) {
 	cases := encodingCases()
 	var records chunkBuilder
-	records.start(41, nil)
+	records.start(41, nil, 0)
 	for _, name := range []string{"number", "string"} {
 		r := cases[name]
 		records.add(AppendRecord(nil, &r))
 	}
 	var keys keyBuilder
-	keys.add(7, time.Date(2026, 3, 1, 8, 30, 0, 0, time.UTC).UnixMicro(), []byte("peer-1"))
-	keys.add(8, time.Date(2026, 3, 1, 8, 30, 1, 0, time.UTC).UnixMicro(), []byte{0, 0xff})
+	keys.add(7, time.Date(2026, 3, 1, 8, 30, 0, 0, time.UTC).UnixMicro(), []byte("peer-1"), 0)
+	keys.add(8, time.Date(2026, 3, 1, 8, 30, 1, 0, time.UTC).UnixMicro(), []byte{0, 0xff}, 0)
 	for name, got := range map[string][]byte{"chunk-two-records": records.b, "key-chunk-two-keys": keys.chunk.b} {
 		path := filepath.Join("testdata", name+".hex")
 		if *update {
@@ -67,7 +67,7 @@ func TestChunkGolden(t *testing.T) {
 func FuzzChunkRecords(f *testing.F) {
 	r := encodingCases()["number"]
 	var c chunkBuilder
-	c.start(1, nil)
+	c.start(1, nil, 0)
 	c.add(AppendRecord(nil, &r))
 	c.add([]byte{1, 2, 3})
 	f.Add(c.b, uint8(2))

@@ -82,9 +82,9 @@ type keyBuilder struct {
 	ttl   time.Duration
 }
 
-func (kb *keyBuilder) add(order uint64, at int64, id []byte) {
+func (kb *keyBuilder) add(order uint64, at int64, id []byte, size int) {
 	if kb.chunk.empty() {
-		kb.chunk.start(order, nil)
+		kb.chunk.start(order, nil, size)
 	}
 	b := binary.BigEndian.AppendUint64(kb.chunk.b, uint64(at))
 	b = binary.AppendUvarint(b, uint64(len(id)))
@@ -118,7 +118,7 @@ func (t *txn) putKey(k *Key) error {
 		}
 		kb.chunk = chunkBuilder{}
 	}
-	kb.add(order, t.b.opts.Now().UnixMicro(), k.ID)
+	kb.add(order, t.b.opts.Now().UnixMicro(), k.ID, t.b.maxChunk)
 	kb.keep, kb.ttl = k.Keep, k.TTL
 	t.setKey(k.Space, t.b.fp(k.ID), order)
 	t.st.keyBytes += accountedKey(k.ID)

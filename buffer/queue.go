@@ -213,7 +213,7 @@ func (b *Buffer) writeStateLocked(fn func(t *txn) error) error {
 	var next state
 	err := b.guard(func() error {
 		return b.db.Update(func(tx *bolt.Tx) error {
-			t := &txn{b: b, tx: tx, st: base}
+			t := &txn{b: b, tx: tx, base: base, st: base}
 			if err := fn(t); err != nil {
 				return err
 			}

@@ -354,6 +354,7 @@ func (c *CoAP) serveIngest(w mux.ResponseWriter, r *mux.Message, t coapTarget) {
 		c.reply(w, reply)
 		return
 	}
+	defer c.in.Release(d.readings) // answered from here on: stored, a duplicate, or refused
 	if peer != nil {
 		for i := range d.readings {
 			if rej := c.authorise(peer, d.readings[i].Sensor); rej != nil {

@@ -108,6 +108,11 @@ type Ingest struct {
 	logMu   sync.Mutex // guards lastLog, dropped
 	lastLog time.Time
 	dropped int
+
+	// spare holds readings slices given back by Release, for Decode to lend
+	// to the decoder: a message's readings are garbage once stored, and a
+	// pack of ten is 2.6 KB.
+	spare sync.Pool
 }
 
 // NewIngest builds the shared decoding half. reg may be nil.
@@ -133,11 +138,17 @@ func (in *Ingest) Decode(ingress string, f senml.Format, payload []byte, sensor,
 			fmt.Sprintf("payload of %d bytes is over max_payload (%d)", len(payload), in.opts.MaxPayload)})
 	}
 	at := in.clock.Now()
+	var into []buffer.Reading
+	if p, ok := in.spare.Get().(*[]buffer.Reading); ok {
+		into = *p
+	}
 	rs, err := senml.Decode(f, payload, &senml.Context{
 		Sensor: sensor, Metric: metric, Now: at.Wall,
 		Oldest: in.opts.Oldest, MaxFuture: in.opts.MaxFuture, ClockSynced: at.Synced,
+		Into: into,
 	})
 	if err != nil {
+		in.Release(into)
 		var se *senml.Error
 		if errors.As(err, &se) {
 			return nil, in.Reject(ingress, &Rejection{Reason(se.Reason), se.Msg})
@@ -146,6 +157,18 @@ func (in *Ingest) Decode(ingress string, f senml.Format, payload []byte, sensor,
 	}
 	in.clock.Stamp(rs, at)
 	return rs, nil
+}
+
+// Release gives back the readings of a message that Decode returned, once
+// the ingress is done with them (stored and counted, or refused): nothing
+// may use them afterwards.
+func (in *Ingest) Release(rs []buffer.Reading) {
+	if cap(rs) == 0 || cap(rs) > 256 {
+		return // nothing to lend, or a rare giant the pool should not keep
+	}
+	clear(rs[:cap(rs)]) // drop what the readings point to
+	rs = rs[:0]
+	in.spare.Put(&rs)
 }
 
 // Accepted counts readings that are durable and acknowledged.

@@ -407,8 +407,10 @@ func messageKey(p *paho.Publish) []byte {
 // stops the broker sending more once Receive Maximum is reached.
 func (m *MQTT) ackLoop() {
 	for f := range m.acks {
-		if f.pending != nil && !m.await(f) {
-			continue // not stored: left for the broker to redeliver
+		stored := f.pending == nil || m.await(f)
+		m.in.Release(f.msg.Readings)
+		if !stored {
+			continue // left for the broker to redeliver
 		}
 		if err := f.pr.Client.Ack(f.pr.Packet); err != nil && !errors.Is(err, paho.ErrPacketNotFound) {
 			m.log.Debug("mqtt ack", "err", err)

@@ -49,6 +49,7 @@ func main() {
 	var env envList
 	flag.Var(&env, "env", "NAME=VALUE in the gateway's environment, e.g. GOGC=400 (repeatable)")
 	bare := flag.String("bare-listen", "", "internal: serve the bare ceiling on this address")
+	series := flag.Float64("series", 0, "instead of the comparison: load sluice alone at this many requests/s for -rounds phases and print each phase's latency (does it drift as the buffer grows?)")
 	flag.Parse()
 	if *bare != "" {
 		serveBare(*bare)
@@ -58,7 +59,7 @@ func main() {
 	if *client != "go-coap" && *client != "raw" {
 		log.Fatalf("-client %q: want go-coap or raw", *client)
 	}
-	gw := gatewaySettings{bin: *sluice, commitInterval: *commitInterval, env: env}
+	gw := gatewaySettings{bin: *sluice, commitInterval: *commitInterval, env: env, series: *series}
 	if err := run(*duration, *rounds, *clients, *records, *client, gw); err != nil {
 		log.Fatal(err)
 	}
@@ -80,6 +81,7 @@ type gatewaySettings struct {
 	bin            string
 	commitInterval time.Duration
 	env            []string
+	series         float64 // requests/s of a -series run; 0: the comparison
 }
 
 // serveBare is the ceiling: go-coap answering every request 2.04 at once.
@@ -193,6 +195,21 @@ level = "warn"
 	log.Printf("ceiling: bare go-coap server on %s; gateway: sluice run, CoAP on %s, buffer in %s, environment %q", bareAddr, gwAddr, dir, gs.env)
 
 	var seq atomic.Int64
+	if gs.series > 0 {
+		fmt.Printf("\n%d %s clients at %.0f requests/s, %d phases of %s\n\n| phase | requests/s | p50 | p99 | p99.9 | failed | commits |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+			clients, client, gs.series, rounds, d)
+		for r := range rounds {
+			_, before, _ := commitHistogram("http://" + admin + "/metrics")
+			res, err := phase(client, gwAddr, d, clients, records, &seq, gs.series)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("| %d | %.0f | %s | %s | %s | %d | %s |\n", r+1, res.rate(), ms(res.pct(0.5)), ms(res.pct(0.99)), ms(res.pct(0.999)), res.failed,
+				commitQuantiles("http://"+admin+"/metrics", before))
+		}
+		fmt.Printf("\nsluice group commits (write + fsync) during its run: %s\n", commitQuantiles("http://"+admin+"/metrics"))
+		return nil
+	}
 	addrs := []string{bareAddr, gwAddr}
 	var peaks, halves [2][]result
 	for r := range rounds {
@@ -265,16 +282,14 @@ func pool(rs []result) result {
 	return p
 }
 
-// commitQuantiles reads the gateway's commit histogram and gives its count
-// and the buckets that hold the median and the 99th percentile.
-func commitQuantiles(url string) string {
+// commitHistogram reads the gateway's commit histogram: bucket bounds and
+// cumulative counts.
+func commitHistogram(url string) (les, cum []float64, err error) {
 	resp, err := http.Get(url)
 	if err != nil {
-		return err.Error()
+		return nil, nil, err
 	}
 	defer resp.Body.Close()
-	var les []float64
-	var cum []float64
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		line, ok := strings.CutPrefix(sc.Text(), `sluice_buffer_commit_duration_seconds_bucket{le="`)
@@ -286,6 +301,22 @@ func commitQuantiles(url string) string {
 		c, err2 := strconv.ParseFloat(count, 64)
 		if err1 == nil && err2 == nil {
 			les, cum = append(les, l), append(cum, c)
+		}
+	}
+	return les, cum, sc.Err()
+}
+
+// commitQuantiles reads the gateway's commit histogram and gives its count
+// and the buckets that hold the median and the 99th percentile; since, when
+// not nil, is an earlier reading to subtract.
+func commitQuantiles(url string, since ...[]float64) string {
+	les, cum, err := commitHistogram(url)
+	if err != nil {
+		return err.Error()
+	}
+	for _, s := range since {
+		for i := range min(len(s), len(cum)) {
+			cum[i] -= s[i]
 		}
 	}
 	if len(cum) == 0 || cum[len(cum)-1] == 0 {

@@ -52,6 +52,10 @@ func main() {
 	// Children get a parent-death signal, which the kernel ties to the thread
 	// that forked them: keep main, which starts the gateways, on one thread.
 	runtime.LockOSThread()
+	if len(os.Args) == 4 && os.Args[1] == ceilingChildFlag {
+		runCeilingChild(os.Args[2], os.Args[3])
+		return
+	}
 	var o options
 	var phases string
 	var set, env stringList
@@ -335,14 +339,19 @@ func (b *bencher) ceiling(shape bench.Shape) ingestResult {
 	n := b.messages(shape)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	sub, err := bench.Subscribe(ctx, bench.SubscriberOptions{
-		Addr: b.broker.Addr(), ClientID: fmt.Sprintf("bench-ceiling-%d", id),
-		Filters: []string{bench.FlatFilter, bench.SenMLFilter},
-	})
+	sub, err := startCeiling(b.broker.Addr(), fmt.Sprintf("bench-ceiling-%d", id))
 	if err != nil {
 		b.h.Fatalf("ceiling subscriber: %v", err)
 	}
-	defer sub.Close()
+	defer func() {
+		if err := sub.stop(); err != nil {
+			b.r.logf("ceiling subscriber: %v", err)
+		}
+	}()
+	before, err := bench.ReadProc(sub.pid())
+	if err != nil {
+		b.h.Fatalf("%v", err)
+	}
 	var got bench.Series
 	stop := make(chan struct{})
 	sampled := make(chan struct{})
@@ -372,6 +381,10 @@ func (b *bencher) ceiling(shape bench.Shape) ingestResult {
 	if werr != nil {
 		b.h.Fatalf("ceiling: %v (got %d of %d)", werr, sub.Received(), n)
 	}
+	after, err := bench.ReadProc(sub.pid())
+	if err != nil {
+		b.h.Fatalf("%v", err)
+	}
 	rate, err := got.Rate(0.1*float64(n), 0.9*float64(n))
 	if err != nil {
 		b.h.Fatalf("ceiling rate: %v", err)
@@ -379,8 +392,9 @@ func (b *bencher) ceiling(shape bench.Shape) ingestResult {
 	res := ingestResult{kind: "ceiling", broker: "shipped", shape: shape, messages: n,
 		readings: int64(n * w.ReadingsPer()), msgsPerSec: rate, readingsPerSec: rate * float64(w.ReadingsPer()),
 		publishPerSec: float64(pub.Acked()) / pubTook.Seconds(), acked: pub.Acked(), refused: pub.Refused(),
-		rows: -1, received: sub.Received(), load: loadavg()}
-	b.r.logf("ceiling %-16s %8.0f msgs/s (publishers %6.0f msgs/s)  load %s", shape, rate, res.publishPerSec, res.load)
+		rows: -1, received: sub.Received(), load: loadavg(), cpu: after.CPU - before.CPU}
+	b.r.logf("ceiling %-16s %8.0f msgs/s (publishers %6.0f msgs/s), bare subscriber CPU %5.2f µs/msg  load %s",
+		shape, rate, res.publishPerSec, float64(res.cpu.Microseconds())/float64(n), res.load)
 	return res
 }
 

@@ -127,10 +127,10 @@ func (r *report) writeIngest(w io.Writer) {
 			if x.ceiling > 0 {
 				ratio = fmt.Sprintf("%.0f%%", 100*x.msgsPerSec/x.ceiling)
 			}
-			cpu = fmt.Sprintf("%.2f", x.cpuPerReading())
 			anon = fmt.Sprintf("%.1f", mib(x.peakAnon))
 			hw = fmt.Sprintf("%.1f", mib(x.vmHWM))
 		}
+		cpu = fmt.Sprintf("%.2f", x.cpuPerReading())
 		if x.rows >= 0 {
 			rows = fmt.Sprint(x.rows)
 		}
@@ -164,9 +164,9 @@ func (r *report) writeIngest(w io.Writer) {
 					if g[0].ceiling > 0 {
 						ratio = fmt.Sprintf("%.0f%%", 100*median(pick(g, func(x ingestResult) float64 { return x.msgsPerSec / x.ceiling })))
 					}
-					cpu = fmt.Sprintf("%.2f", median(pick(g, ingestResult.cpuPerReading)))
 					anon = fmt.Sprintf("%.1f", mib(int64(maxOf(pick(g, func(x ingestResult) float64 { return float64(x.peakAnon) })))))
 				}
+				cpu = fmt.Sprintf("%.2f", median(pick(g, ingestResult.cpuPerReading)))
 				if strings.HasPrefix(kind, "uplink up") {
 					lost = fmt.Sprintf("%.0f", maxOf(pick(g, lostReadings)))
 				}
@@ -226,13 +226,18 @@ func (r *report) writeTargets(w io.Writer) {
 			median(pick(flat, func(x ingestResult) float64 { return x.readingsPerSec }))
 		fmt.Fprintf(w, "| (2) SenML packs of 10 >= 5x the readings/s of (1) | %.1fx | %s |\n", x, verdict(x >= 5))
 	}
-	if len(flat) > 0 {
-		c := median(pick(flat, ingestResult.cpuPerReading))
-		fmt.Fprintf(w, "| (3) CPU <= 8 µs per reading (flat JSON, ingest + upload) | %.2f µs | %s |\n", c, verdict(c <= 8))
-	}
-	if len(senml) > 0 {
-		c := median(pick(senml, ingestResult.cpuPerReading))
-		fmt.Fprintf(w, "| (3) CPU <= 8 µs per reading (SenML 10, ingest + upload) | %.2f µs | %s |\n", c, verdict(c <= 8))
+	for _, g := range []struct {
+		name   string
+		shape  bench.Shape
+		uplink []ingestResult
+	}{{"flat JSON", bench.Flat, flat}, {"SenML 10", bench.SenML10, senml}} {
+		if len(g.uplink) == 0 {
+			continue
+		}
+		c := median(pick(g.uplink, ingestResult.cpuPerReading))
+		bare := median(pick(r.group("shipped", g.shape, "ceiling"), ingestResult.cpuPerReading))
+		fmt.Fprintf(w, "| (3) CPU <= 8 µs per reading (%s, ingest + upload) | %.2f µs (the bare paho subscriber of the ceiling alone: %.2f µs) | %s |\n",
+			g.name, c, bare, verdict(c <= 8))
 	}
 	if d := r.drain; d != nil {
 		ratio := d.drainPerSec / d.copyCeiling()

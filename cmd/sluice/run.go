@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
-	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,12 +43,6 @@ func (r *runCmd) Run() error {
 	}
 	level := new(slog.LevelVar)
 	log := newLogger(cfg.Log, level, os.Stderr)
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(cfg.Runtime.MemoryLimit.Bytes)
-	}
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(cfg.Runtime.GCPercent)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return runGateway(ctx, cfg, log, &reloader{load: load, level: level})
@@ -387,6 +380,7 @@ func runGateway(ctx context.Context, cfg *Config, log *slog.Logger, rl *reloader
 	}
 	start(&uplinkWG, "uplink", p.up.Run, uplinkCtx)
 	start(&adminWG, "admin", p.admin.Run, adminCtx)
+	start(&adminWG, "memory", newMemoryTuner(cfg.Runtime).Run, adminCtx)
 
 	// READY=1: the buffer is open and the ingress listeners are started (a
 	// broker that is down is being retried, not a failed start).

@@ -153,7 +153,12 @@ func (d *decoder) init(c *Context) {
 // reserve sizes the output for about n readings, and the arena for about
 // size bytes; a hostile count cannot make it allocate much.
 func (d *decoder) reserve(n, size int) {
-	d.out = make([]buffer.Reading, 0, max(1, min(n, 256)))
+	n = max(1, min(n, 256))
+	if cap(d.c.Into) >= n {
+		d.out = d.c.Into[:0]
+	} else {
+		d.out = make([]buffer.Reading, 0, n)
+	}
 	d.arena.Grow(min(size, 64<<10))
 }
 

@@ -97,6 +97,9 @@ type Context struct {
 	// only when ClockSynced (a gateway still at 1970 would reject everything).
 	MaxFuture   time.Duration
 	ClockSynced bool
+	// Into, when it has room, holds the readings: a caller that decodes many
+	// messages may lend the slice of one it is done with.
+	Into []buffer.Reading
 }
 
 // Decode decodes one whole message in format f. It is accepted or rejected
