@@ -8,6 +8,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -37,6 +39,7 @@ type MQTT struct {
 
 	queue chan paho.PublishReceived // from paho's handler goroutine to decode
 	acks  chan *inflight            // decoded messages, in receive order, to acknowledge
+	hash  hash.Hash                 // the idempotency keys' hash; decodeLoop only
 
 	subs  atomic.Pointer[[]Subscription]             // the current [[mqtt.subscribe]] entries; SIGHUP swaps them
 	cm    atomic.Pointer[autopaho.ConnectionManager] // set on the first connection
@@ -82,6 +85,7 @@ func NewMQTT(opts MQTTOptions, gatewayID string, in *Ingest, buf Appender, log *
 		opts: opts, in: in, buf: buf, log: log, broker: u,
 		queue:  make(chan paho.PublishReceived, opts.ReceiveMaximum),
 		acks:   make(chan *inflight, opts.ReceiveMaximum),
+		hash:   sha256.New(),
 		status: ingressState{state: StateStarting},
 	}
 	m.subs.Store(&opts.Subscriptions)
@@ -369,7 +373,7 @@ func (m *MQTT) decodeLoop() {
 		if p.QoS > 0 {
 			f.msg.Key = &buffer.Key{
 				Space: IngressMQTT,
-				ID:    messageKey(p),
+				ID:    m.messageKey(p),
 				Check: p.Duplicate(),
 				Keep:  max(m.opts.ReceiveMaximum, mqttKeysKept),
 			}
@@ -393,12 +397,12 @@ const mqttKeysKept = 4096
 
 // messageKey is the packet id and a 64-bit hash of topic and payload: within
 // the key window, a match on both is the same message.
-func messageKey(p *paho.Publish) []byte {
-	h := sha256.New()
-	h.Write([]byte(p.Topic))
-	h.Write([]byte{0})
-	h.Write(p.Payload)
-	return h.Sum(binary.BigEndian.AppendUint16(make([]byte, 0, 2+sha256.Size), p.PacketID))[:10]
+func (m *MQTT) messageKey(p *paho.Publish) []byte {
+	m.hash.Reset()
+	io.WriteString(m.hash, p.Topic)
+	m.hash.Write([]byte{0})
+	m.hash.Write(p.Payload)
+	return m.hash.Sum(binary.BigEndian.AppendUint16(make([]byte, 0, 2+sha256.Size), p.PacketID))[:10]
 }
 
 // ackLoop waits for each message in receive order and acknowledges it once
