@@ -471,6 +471,45 @@ func TestMosquittoOptions(t *testing.T) {
 	}
 }
 
+// TestMosquittoInFlightIsTheClientsReceiveMaximum pins what the gateway's
+// receive_maximum rests on: Mosquitto 2.0 keeps as many QoS 1 messages in
+// flight to an MQTT v5 client as the client's Receive Maximum, above
+// max_inflight_messages too (DESIGN.md says a client can only lower it), and
+// queues the rest.
+func TestMosquittoInFlightIsTheClientsReceiveMaximum(t *testing.T) {
+	m := testenv.StartMosquitto(t, testenv.MosquittoOptions{MaxInflight: -1, MaxQueued: -1}) // the defaults: 20 in flight, 1,000 queued
+	ctx := ctxT(t)
+	conn, err := net.Dial("tcp", m.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	got := 0
+	sub := paho.NewClient(paho.ClientConfig{ClientID: "window", Conn: conn, EnableManualAcknowledgment: true,
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(paho.PublishReceived) (bool, error) {
+			mu.Lock()
+			got++
+			mu.Unlock()
+			return true, nil // never acknowledged
+		}}})
+	recvMax := uint16(300)
+	if _, err := sub.Connect(ctx, &paho.Connect{ClientID: "window", CleanStart: true, KeepAlive: 30,
+		Properties: &paho.ConnectProperties{ReceiveMaximum: &recvMax}}); err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, sub, "w/#")
+	pub, _ := mqttClient(t, m.Addr(), "pub", true, nil)
+	for i := range 500 {
+		publish(t, pub, "w/x", fmt.Sprint(i))
+	}
+	time.Sleep(500 * time.Millisecond) // nothing more can come: the window is full
+	mu.Lock()
+	defer mu.Unlock()
+	if got != int(recvMax) {
+		t.Fatalf("%d messages in flight to a client with Receive Maximum %d at max_inflight_messages 20", got, recvMax)
+	}
+}
+
 // TestMosquittoConfMatchesShipped keeps testdata/mosquitto.conf, which the tests run,
 // in step with the broker settings the repository ships.
 func TestMosquittoConfMatchesShipped(t *testing.T) {
