@@ -74,6 +74,11 @@ func (c *chunkBuilder) start(seq uint64, buf []byte, size int) {
 func (c *chunkBuilder) add(rec []byte) {
 	c.b = binary.AppendUvarint(c.b, uint64(len(rec)))
 	c.b = append(c.b, rec...)
+	c.count()
+}
+
+// count adds one to the chunk's count of what it holds.
+func (c *chunkBuilder) count() {
 	binary.BigEndian.PutUint32(c.b[1:], binary.BigEndian.Uint32(c.b[1:])+1)
 }
 
@@ -84,7 +89,7 @@ func chunkRecords(first, end uint64, v []byte) iter.Seq2[uint64, []byte] {
 	return func(yield func(uint64, []byte) bool) {
 		seq := first
 		switch {
-		case len(v) > 0 && v[0] == recordVersion:
+		case len(v) > 0 && v[0] == recordVersion && seq < end:
 			if !yield(seq, v) {
 				return
 			}

@@ -73,6 +73,7 @@ func FuzzChunkRecords(f *testing.F) {
 	f.Add(c.b, uint8(2))
 	f.Add(AppendRecord(nil, &r), uint8(1))
 	f.Add([]byte{chunkTag, 0, 0, 0, 9, 200}, uint8(9))
+	f.Add(AppendRecord(nil, &r), uint8(0)) // a bare record in an empty span yields nothing
 	f.Fuzz(func(t *testing.T, v []byte, span uint8) {
 		next := uint64(100)
 		for seq, rec := range chunkRecords(100, 100+uint64(span), v) {

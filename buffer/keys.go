@@ -89,7 +89,7 @@ func (kb *keyBuilder) add(order uint64, at int64, id []byte, size int) {
 	b := binary.BigEndian.AppendUint64(kb.chunk.b, uint64(at))
 	b = binary.AppendUvarint(b, uint64(len(id)))
 	kb.chunk.b = append(b, id...)
-	binary.BigEndian.PutUint32(kb.chunk.b[1:], binary.BigEndian.Uint32(kb.chunk.b[1:])+1)
+	kb.chunk.count()
 	kb.last = order
 }
 

@@ -76,7 +76,7 @@ func (d *doctorCmd) checkBrokerQueue(cl *checklist, cfg *Config) {
 		risks = append(risks, "persistence is off: the gateway's session and its queue vanish when the broker restarts")
 	}
 	if q := num("max_queued_messages", 1000); q > 0 && q < 100_000 {
-		risks = append(risks, fmt.Sprintf("max_queued_messages %d: beyond that the broker silently drops messages for the gateway while it is down", q))
+		risks = append(risks, fmt.Sprintf("max_queued_messages %d: beyond that the broker silently drops messages it has acknowledged to sensors, whenever the gateway is down or that far behind", q))
 	}
 	if exp, ok := set["persistent_client_expiration"]; ok {
 		if d, err := mosquittoDuration(exp); err == nil && d < cfg.MQTT.SessionExpiry.Duration {
