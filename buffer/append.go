@@ -333,11 +333,10 @@ func (t *txn) append(m *Message) (Result, error) {
 			return Result{}, err
 		}
 		start = end
-		if cs.readings == 0 {
+		if cs.unsent() == 0 {
 			cs.oldest = m.Readings[i].Received
 		}
 		cs.nextSeq++
-		cs.readings++
 	}
 	if m.Key != nil {
 		if err := t.putKey(m.Key); err != nil {

@@ -269,8 +269,9 @@ func salvageCount(path string) (n int64) {
 		var total int64
 		for _, c := range Classes {
 			if v := sb.Get([]byte(c)); len(v) == streamValueLen || len(v) == streamValueLenV1 {
-				cs, _ := decodeStream(v)
-				total += int64(cs.readings)
+				if cs, _ := decodeStream(v); cs.head <= cs.nextSeq {
+					total += int64(cs.unsent())
+				}
 			}
 		}
 		n = total
@@ -372,7 +373,6 @@ func (b *Buffer) load(db *bolt.DB) (err error) {
 				if cs.head > cs.nextSeq {
 					return fmt.Errorf("stream of class %s: head %d is past the next sequence number %d", c, cs.head, cs.nextSeq)
 				}
-				cs.readings = cs.nextSeq - cs.head
 			} else {
 				if _, err := rand.Read(cs.stream[:]); err != nil {
 					return fmt.Errorf("make stream id: %w", err)

@@ -165,7 +165,6 @@ func (t *txn) consume(ci int, take func(seq uint64, rec []byte) bool) error {
 			return err
 		}
 	}
-	cs.readings = cs.nextSeq - cs.head
 	cs.oldest = headReceived(q, cs)
 	return nil
 }

@@ -50,7 +50,7 @@ func (b *Buffer) PeekAppend(dst []Record, max int) (Batch, error) {
 	b.mu.Unlock()
 	ci := -1
 	for i := range Classes {
-		if st.classes[i].readings > 0 {
+		if st.classes[i].unsent() > 0 {
 			ci = i
 			break
 		}
@@ -59,7 +59,7 @@ func (b *Buffer) PeekAppend(dst []Record, max int) (Batch, error) {
 		return Batch{}, nil
 	}
 	cs := &st.classes[ci]
-	if n := int(min(uint64(max), cs.readings)); cap(dst) < n {
+	if n := int(min(uint64(max), cs.unsent())); cap(dst) < n {
 		dst = make([]Record, 0, n)
 	}
 	batch := Batch{Class: Classes[ci], Stream: cs.stream, Records: dst[:0]}

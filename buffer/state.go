@@ -35,16 +35,19 @@ var DropReasons = []DropReason{DropFull, DropAge, DropCorrupt}
 // classState is one class's stream as persisted in the streams bucket. The
 // unsent readings are the sequence numbers head .. nextSeq-1.
 type classState struct {
-	stream   [16]byte
-	nextSeq  uint64
-	readings uint64    // nextSeq - head, kept on file for tools that read only the counters
-	bytes    uint64    // accounted bytes of the class's chunks
-	head     uint64    // the first unsent sequence number
-	oldest   time.Time // receive time of the first unsent reading (memory only)
+	stream  [16]byte
+	nextSeq uint64
+	bytes   uint64    // accounted bytes of the class's chunks
+	head    uint64    // the first unsent sequence number
+	oldest  time.Time // receive time of the first unsent reading (memory only)
 }
 
-// Stream values: stream id, next sequence number, readings, bytes, head.
-// Format 1 files have no head (40 bytes): their queue starts at its first key.
+// unsent is the number of the class's unsent readings.
+func (cs *classState) unsent() uint64 { return cs.nextSeq - cs.head }
+
+// Stream values: stream id, next sequence number, unsent readings (for
+// tools that read only the counters), bytes, head. Format 1 files have no
+// head (40 bytes): their queue starts at its first key.
 const (
 	streamValueLen   = 16 + 8 + 8 + 8 + 8
 	streamValueLenV1 = 16 + 8 + 8 + 8
@@ -53,20 +56,21 @@ const (
 func encodeStream(cs *classState) []byte {
 	v := append(make([]byte, 0, streamValueLen), cs.stream[:]...)
 	v = binary.BigEndian.AppendUint64(v, cs.nextSeq)
-	v = binary.BigEndian.AppendUint64(v, cs.readings)
+	v = binary.BigEndian.AppendUint64(v, cs.unsent())
 	v = binary.BigEndian.AppendUint64(v, cs.bytes)
 	return binary.BigEndian.AppendUint64(v, cs.head)
 }
 
 // decodeStream reads a stream value of either length; hasHead is false for
-// one of format 1.
+// one of format 1, whose head is then taken from its count of readings.
 func decodeStream(v []byte) (cs classState, hasHead bool) {
 	copy(cs.stream[:], v)
 	cs.nextSeq = binary.BigEndian.Uint64(v[16:])
-	cs.readings = binary.BigEndian.Uint64(v[24:])
 	cs.bytes = binary.BigEndian.Uint64(v[32:])
 	if len(v) >= streamValueLen {
 		cs.head, hasHead = binary.BigEndian.Uint64(v[40:]), true
+	} else {
+		cs.head = cs.nextSeq - min(cs.nextSeq, binary.BigEndian.Uint64(v[24:]))
 	}
 	return cs, hasHead
 }
@@ -174,9 +178,9 @@ func (b *Buffer) Stats() Stats {
 		cs := st.classes[i]
 		s.Classes = append(s.Classes, ClassStats{
 			Class: c, Stream: cs.stream, NextSeq: cs.nextSeq,
-			Readings: int64(cs.readings), Bytes: int64(cs.bytes), Oldest: cs.oldest,
+			Readings: int64(cs.unsent()), Bytes: int64(cs.bytes), Oldest: cs.oldest,
 		})
-		s.Readings += int64(cs.readings)
+		s.Readings += int64(cs.unsent())
 		s.Bytes += int64(cs.bytes)
 		if !cs.oldest.IsZero() && (s.Oldest.IsZero() || cs.oldest.Before(s.Oldest)) {
 			s.Oldest = cs.oldest
