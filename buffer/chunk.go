@@ -136,6 +136,22 @@ func frontChunks(q *bolt.Bucket, nextSeq uint64, fn func(k []byte, first, end ui
 	}
 }
 
+// unsentRecords yields the unsent records of class cs from its head on, with
+// their sequence numbers; a record a damaged chunk lost comes as nil. The
+// records are valid for q's transaction.
+func unsentRecords(q *bolt.Bucket, cs *classState) iter.Seq2[uint64, []byte] {
+	return func(yield func(uint64, []byte) bool) {
+		frontChunks(q, cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
+			for seq, rec := range chunkRecords(first, end, v) {
+				if seq >= cs.head && !yield(seq, rec) {
+					return false
+				}
+			}
+			return true
+		})
+	}
+}
+
 // consume drops unsent records of class ci from its head for as long as take
 // accepts them, oldest first, and deletes every chunk it empties. take sees
 // nil for a record the framing of a damaged chunk lost. A chunk's bytes are
@@ -171,39 +187,36 @@ func (t *txn) consume(ci int, take func(seq uint64, rec []byte) bool) error {
 
 // headReceived is the receive time of the first decodable unsent record of
 // cs, zero when none; an undecodable one is skipped here and dropped by Peek.
-func headReceived(q *bolt.Bucket, cs *classState) (at time.Time) {
+func headReceived(q *bolt.Bucket, cs *classState) time.Time {
 	tries := 16
-	frontChunks(q, cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
-		for seq, rec := range chunkRecords(first, end, v) {
-			if seq < cs.head {
-				continue
-			}
-			if r, err := DecodeRecord(rec); err == nil {
-				at = r.Received
-				return false
-			}
-			if tries--; tries == 0 {
-				return false
-			}
+	for _, rec := range unsentRecords(q, cs) {
+		if r, err := DecodeRecord(rec); err == nil {
+			return r.Received
 		}
-		return true
-	})
-	return at
+		if tries--; tries == 0 {
+			break
+		}
+	}
+	return time.Time{}
 }
 
-// arena holds the strings of the records decoded from one chunk in one
-// allocation.
-type arena struct{ sb strings.Builder }
-
-func newArena(size int) *arena {
-	a := &arena{}
-	a.sb.Grow(size)
-	return a
+// arena holds the strings of decoded records in blocks of about a chunk's
+// size, one allocation each.
+type arena struct {
+	sb    strings.Builder
+	block int
 }
+
+func newArena(block int) *arena { return &arena{block: block} }
 
 func (a *arena) str(b []byte) string {
 	if len(b) == 0 {
 		return ""
+	}
+	if a.sb.Cap()-a.sb.Len() < len(b) {
+		// A new block: the strings already made keep the old one.
+		a.sb = strings.Builder{}
+		a.sb.Grow(max(a.block, len(b)))
 	}
 	off := a.sb.Len()
 	a.sb.Write(b)

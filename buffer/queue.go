@@ -66,27 +66,21 @@ func (b *Buffer) PeekAppend(dst []Record, max int) (Batch, error) {
 	corrupt := false // the record at the head does not decode
 	err := b.guard(func() error {
 		return b.db.View(func(tx *bolt.Tx) error {
-			frontChunks(tx.Bucket(queueBucket(Classes[ci])), cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
-				strs := newArena(len(v))
-				for seq, rec := range chunkRecords(first, end, v) {
-					if seq < cs.head {
-						continue
-					}
-					if len(batch.Records) >= max {
-						return false
-					}
-					r, err := decodeRecord(rec, strs.str)
-					if rec == nil || err != nil {
-						// One rotten record must not stop the queue: the batch
-						// ends before it, and at the head it is dropped and counted.
-						corrupt = len(batch.Records) == 0
-						b.opts.Logger.Error("buffer record does not decode", "class", string(Classes[ci]), "seq", seq, "err", err)
-						return false
-					}
-					batch.Records = append(batch.Records, Record{Seq: seq, Reading: r})
+			strs := newArena(b.maxChunk)
+			for seq, rec := range unsentRecords(tx.Bucket(queueBucket(Classes[ci])), cs) {
+				if len(batch.Records) >= max {
+					break
 				}
-				return len(batch.Records) < max
-			})
+				r, err := decodeRecord(rec, strs.str)
+				if rec == nil || err != nil {
+					// One rotten record must not stop the queue: the batch
+					// ends before it, and at the head it is dropped and counted.
+					corrupt = len(batch.Records) == 0
+					b.opts.Logger.Error("buffer record does not decode", "class", string(Classes[ci]), "seq", seq, "err", err)
+					break
+				}
+				batch.Records = append(batch.Records, Record{Seq: seq, Reading: r})
+			}
 			return nil
 		})
 	})
@@ -306,27 +300,16 @@ func (b *Buffer) Unsent(fn func(Class, [16]byte, Record) error) error {
 	b.mu.Unlock()
 	return b.guard(func() error {
 		return b.db.View(func(tx *bolt.Tx) error {
-			var err error
 			for ci, c := range Classes {
 				cs := &st.classes[ci]
-				frontChunks(tx.Bucket(queueBucket(c)), cs.nextSeq, func(_ []byte, first, end uint64, v []byte) bool {
-					for seq, rec := range chunkRecords(first, end, v) {
-						if seq < cs.head {
-							continue
-						}
-						r, derr := DecodeRecord(rec)
-						if derr != nil {
-							err = fmt.Errorf("class %s record %d: %w", c, seq, derr)
-							return false
-						}
-						if err = fn(c, cs.stream, Record{Seq: seq, Reading: r}); err != nil {
-							return false
-						}
+				for seq, rec := range unsentRecords(tx.Bucket(queueBucket(c)), cs) {
+					r, err := DecodeRecord(rec)
+					if err != nil {
+						return fmt.Errorf("class %s record %d: %w", c, seq, err)
 					}
-					return true
-				})
-				if err != nil {
-					return err
+					if err := fn(c, cs.stream, Record{Seq: seq, Reading: r}); err != nil {
+						return err
+					}
 				}
 			}
 			return nil
