@@ -353,7 +353,7 @@ func (t *txn) append(m *Message) (Result, error) {
 func (t *txn) addRecord(ci int, rec []byte) error {
 	c := &t.chunks[ci]
 	cs := &t.st.classes[ci]
-	if !c.empty() && len(c.b)+len(rec)+binary.MaxVarintLen32 > t.b.maxChunk {
+	if c.full(len(rec), t.b.maxChunk) {
 		if err := t.putChunk(ci); err != nil {
 			return err
 		}
@@ -373,14 +373,7 @@ func (t *txn) addRecord(ci int, rec []byte) error {
 
 // putChunk stores class ci's chunk and starts none.
 func (t *txn) putChunk(ci int) error {
-	c := &t.chunks[ci]
-	q := t.tx.Bucket(queueBucket(Classes[ci]))
-	q.FillPercent = 1 // keys only grow: pack pages full
-	if err := q.Put(seqKey(c.first), c.b); err != nil {
-		return err
-	}
-	*c = chunkBuilder{}
-	return nil
+	return t.chunks[ci].put(t.tx.Bucket(queueBucket(Classes[ci])))
 }
 
 // evictUntil drops the oldest readings, lowest priority first, until the

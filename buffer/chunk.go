@@ -82,6 +82,22 @@ func (c *chunkBuilder) count() {
 	binary.BigEndian.PutUint32(c.b[1:], binary.BigEndian.Uint32(c.b[1:])+1)
 }
 
+// full reports whether an entry of n bytes and its length would take the
+// chunk past limit bytes.
+func (c *chunkBuilder) full(n, limit int) bool {
+	return !c.empty() && len(c.b)+binary.MaxVarintLen32+n > limit
+}
+
+// put stores the chunk in bk under its first sequence number and starts none.
+func (c *chunkBuilder) put(bk *bolt.Bucket) error {
+	bk.FillPercent = 1 // keys only grow: pack pages full
+	if err := bk.Put(seqKey(c.first), c.b); err != nil {
+		return err
+	}
+	*c = chunkBuilder{}
+	return nil
+}
+
 // chunkRecords yields the records of the chunk v that spans sequence numbers
 // first up to (not including) end. Records its framing has lost (a damaged
 // value) come as nil, so that every sequence number is accounted for.

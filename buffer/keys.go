@@ -99,7 +99,6 @@ func (t *txn) putKey(k *Key) error {
 	if err != nil {
 		return err
 	}
-	ob.FillPercent = 1 // keys only grow: pack pages full
 	order, err := ob.NextSequence()
 	if err != nil {
 		return err
@@ -112,11 +111,10 @@ func (t *txn) putKey(k *Key) error {
 		kb = &keyBuilder{}
 		t.keys[k.Space] = kb
 	}
-	if !kb.chunk.empty() && len(kb.chunk.b)+8+binary.MaxVarintLen32+len(k.ID) > t.b.maxChunk {
-		if err := ob.Put(seqKey(kb.chunk.first), kb.chunk.b); err != nil {
+	if kb.chunk.full(8+len(k.ID), t.b.maxChunk) {
+		if err := kb.chunk.put(ob); err != nil {
 			return err
 		}
-		kb.chunk = chunkBuilder{}
 	}
 	kb.add(order, t.b.opts.Now().UnixMicro(), k.ID, t.b.maxChunk)
 	kb.keep, kb.ttl = k.Keep, k.TTL
@@ -132,7 +130,7 @@ func (t *txn) flushKeys() error {
 	for space, kb := range t.keys {
 		ob := t.tx.Bucket(orderBucket(space))
 		if !kb.chunk.empty() {
-			if err := ob.Put(seqKey(kb.chunk.first), kb.chunk.b); err != nil {
+			if err := kb.chunk.put(ob); err != nil {
 				return err
 			}
 		}
