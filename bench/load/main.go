@@ -534,6 +534,11 @@ func (b *bencher) gatewayIngest(shape bench.Shape, cut bool, broker string) inge
 // gateway reports whether r is a run of the gateway (not a bare subscriber).
 func (r ingestResult) gateway() bool { return strings.HasPrefix(r.kind, "uplink") }
 
+// ackedReadings is what the broker acknowledged to the publishers, in readings.
+func (r ingestResult) ackedReadings() int64 {
+	return r.acked * int64(bench.Workload{Shape: r.shape}.ReadingsPer())
+}
+
 func (r ingestResult) cpuPerReading() float64 {
 	if r.readings == 0 {
 		return 0

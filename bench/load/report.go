@@ -185,13 +185,7 @@ func (r *report) writeIngest(w io.Writer) {
 
 // lostReadings is what the broker acknowledged to the publishers but
 // Postgres does not have.
-func lostReadings(x ingestResult) float64 {
-	per := int64(1)
-	if x.shape == bench.SenML10 {
-		per = 10
-	}
-	return float64(x.acked*per - x.rows)
-}
+func lostReadings(x ingestResult) float64 { return float64(x.ackedReadings() - x.rows) }
 
 func (r *report) writeDrain(w io.Writer) {
 	d := r.drain
@@ -262,7 +256,7 @@ func (r *report) writeTargets(w io.Writer) {
 	if def := r.group("defaults", bench.Flat, "uplink up"); len(def) > 0 {
 		lost := maxOf(pick(def, lostReadings))
 		ratio := median(pick(def, func(x ingestResult) float64 { return x.msgsPerSec / x.ceiling }))
-		bareLost := maxOf(pick(r.group("defaults", bench.Flat, "ceiling"), func(x ingestResult) float64 { return float64(x.acked - x.received) }))
+		bareLost := maxOf(pick(r.group("defaults", bench.Flat, "ceiling"), func(x ingestResult) float64 { return float64(x.ackedReadings() - x.received) }))
 		fmt.Fprintf(w, "| (e) Mosquitto defaults (20 in flight, 1,000 queued), publishers unpaced (%.0f msgs/s): nothing lost | %.0f lost (acked - rows, worst of %d); gateway at %.0f%% of that broker's ceiling; the bare subscriber of the ceiling, doing nothing, lost up to %.0f | %s |\n",
 			median(pick(def, func(x ingestResult) float64 { return x.publishPerSec })), lost, len(def), 100*ratio, bareLost, verdict(lost == 0))
 	}
