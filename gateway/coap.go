@@ -268,7 +268,7 @@ func (c *CoAP) udpOptions() []udpServer.Option {
 	for _, o := range c.commonOptions() {
 		opts = append(opts, o)
 	}
-	return opts
+	return append(opts, peerRecycling{})
 }
 
 func (c *CoAP) dtlsOptions() []dtlsServer.Option {
@@ -301,7 +301,10 @@ type tooLargeKey struct{}
 // the body over max_payload loses its Block1 option, so that it goes straight
 // to the handler, marked to be answered 4.13 with Size1; the partial body is
 // dropped when the transfer times out.
-func (c *CoAP) monitor(_ *udpClient.Conn, req *pool.Message) (drop bool, err error) {
+func (c *CoAP) monitor(cc *udpClient.Conn, req *pool.Message) (drop bool, err error) {
+	if m := peerMonitorOf(cc); m != nil {
+		m.seen(req)
+	}
 	if req.Code() != codes.POST && req.Code() != codes.PUT {
 		return false, nil
 	}
