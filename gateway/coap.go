@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
@@ -50,6 +51,7 @@ type CoAP struct {
 	idleOnce sync.Once
 
 	handshakeLog rate.Sometimes // failed handshakes: one log line a second
+	recycled     atomic.Int64   // plain-UDP peer conns closed for recycling
 }
 
 // StateListening: the CoAP listeners are bound and serving.
@@ -268,7 +270,7 @@ func (c *CoAP) udpOptions() []udpServer.Option {
 	for _, o := range c.commonOptions() {
 		opts = append(opts, o)
 	}
-	return append(opts, peerRecycling{})
+	return append(opts, peerRecycling{recycled: &c.recycled})
 }
 
 func (c *CoAP) dtlsOptions() []dtlsServer.Option {

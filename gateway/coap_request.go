@@ -35,7 +35,6 @@ const coapLinks = `</s>;rt="sluice.telemetry";ct="110 112 50 0";title="POST or P
 // anything else 4.04 (counted as malformed when it carried a body to store).
 func (c *CoAP) newRouter(ingest func(mux.ResponseWriter, *mux.Message, coapTarget)) *mux.Router {
 	r := mux.NewRouter()
-	r.Use(holdPeer)
 	r.SetErrorHandler(c.libError)
 	for _, p := range []struct {
 		prefix string
