@@ -302,7 +302,8 @@ type tooLargeKey struct{}
 // uploads, which it would do without a cap. A Block1 request that would take
 // the body over max_payload loses its Block1 option, so that it goes straight
 // to the handler, marked to be answered 4.13 with Size1; the partial body is
-// dropped when the transfer times out.
+// dropped when the transfer times out. It also tells a plain-UDP peer's
+// recycling monitor of the message (coap_recycle.go).
 func (c *CoAP) monitor(cc *udpClient.Conn, req *pool.Message) (drop bool, err error) {
 	if m := peerMonitorOf(cc); m != nil {
 		m.seen(req)

@@ -81,9 +81,7 @@ type peerMonitor struct {
 func (m *peerMonitor) CheckInactivity(now time.Time, cc *udpClient.Conn) {
 	if now.After(time.Now()) && m.recyclable(now) {
 		_ = cc.Close() // ends the conn's context; go-coap drops it from its table
-		if m.recycled != nil {
-			m.recycled.Add(1)
-		}
+		m.recycled.Add(1)
 		return
 	}
 	m.InactivityMonitor.CheckInactivity(now, cc)
@@ -135,9 +133,6 @@ func (m *peerMonitor) processed(mid int32) {
 // peerMonitorOf is the conn's recycling monitor; nil for DTLS conns, which
 // are never recycled (a new conn would need a new handshake).
 func peerMonitorOf(cc *udpClient.Conn) *peerMonitor {
-	if cc == nil {
-		return nil
-	}
 	m, _ := cc.InactivityMonitor().(*peerMonitor)
 	return m
 }

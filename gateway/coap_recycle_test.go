@@ -1,9 +1,7 @@
 package gateway
 
 import (
-	"fmt"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -31,14 +29,7 @@ func TestCoAPPeerRecycled(t *testing.T) {
 	if n := e.srv.recycled.Load(); n != 0 {
 		t.Fatalf("%d conns recycled before the threshold", n)
 	}
-	// The conn is recycled at the peer's next datagram once its last answer
-	// has been written; on a loaded machine that may be a datagram or two later.
-	for ; e.srv.recycled.Load() == 0; mid++ {
-		if mid > coapPeerRecycle+20 {
-			t.Fatal("the peer's conn was not recycled")
-		}
-		exchangeChanged(t, p, untimedPost(t, message.Confirmable, mid), mid)
-	}
+	mid = postUntilRecycled(t, e, p, mid)
 	redelivered := func() float64 { return testutil.ToFloat64(e.in.metrics.redeliveries.WithLabelValues(IngressCoAP)) }
 	if n := redelivered(); n != 0 {
 		t.Fatalf("%v redeliveries before any retransmission", n)
@@ -68,14 +59,7 @@ func TestCoAPRecycleKeepsQueuedRequests(t *testing.T) {
 		p.send(untimedPost(t, message.NonConfirmable, mid))
 	}
 	waitFor(t, "the burst of NON readings stored", func() bool { return e.stored() == before+burst })
-	// Then the conn is recycled at the next datagram.
-	mid := 2000
-	for ; e.srv.recycled.Load() == 0; mid++ {
-		if mid > 2020 {
-			t.Fatal("the peer's conn was not recycled after the burst")
-		}
-		exchangeChanged(t, p, untimedPost(t, message.Confirmable, mid), mid)
-	}
+	mid := postUntilRecycled(t, e, p, 2000)
 	if n := e.stored(); n != int64(before+burst+mid-2000) {
 		t.Fatalf("%d readings stored, want %d", n, before+burst+mid-2000)
 	}
@@ -87,27 +71,29 @@ func untimedPost(t *testing.T, typ message.Type, mid int) []byte {
 	return encodeRequest(t, typ, int32(mid), request{codes.POST, "/s/pump-1/flow", 0, nil, strconv.Itoa(mid)})
 }
 
-// exchangeChanged sends a confirmable request, again every 2 s as a client
-// would, until its 2.04 ACK comes; late copies of earlier answers are skipped.
+// exchangeChanged sends a confirmable request until its answer comes, which
+// must be a 2.04 ACK.
 func exchangeChanged(t *testing.T, p *rawPeer, req []byte, mid int) {
 	t.Helper()
-	for range 5 {
-		p.send(req)
-		deadline := time.Now().Add(2 * time.Second)
-		for {
-			m, ok := p.recv(time.Until(deadline))
-			if !ok {
-				break
-			}
-			if m.Type == message.Acknowledgement && m.MessageID == int32(mid) {
-				if m.Code != codes.Changed {
-					t.Fatalf("message id %d answered %v (%s), want 2.04", mid, m.Code, m.Payload)
-				}
-				return
-			}
-		}
+	m, ok := p.exchange(req)
+	if !ok || m.Code != codes.Changed || m.Type != message.Acknowledgement || m.MessageID != int32(mid) {
+		t.Fatalf("message id %d: got %v (ok %v), want a 2.04 ACK", mid, m, ok)
 	}
-	t.Fatalf("message id %d: no 2.04 ACK after 5 tries", mid)
+}
+
+// postUntilRecycled posts untimed readings from message id mid on until the
+// peer's conn has been recycled, and returns the next unused id. The conn is
+// recycled at the peer's next datagram once its last answer has been
+// written; on a loaded machine that may be a datagram or two later.
+func postUntilRecycled(t *testing.T, e *coapEnv, p *rawPeer, mid int) int {
+	t.Helper()
+	for limit := mid + 20; e.srv.recycled.Load() == 0; mid++ {
+		if mid > limit {
+			t.Fatal("the peer's conn was not recycled")
+		}
+		exchangeChanged(t, p, untimedPost(t, message.Confirmable, mid), mid)
+	}
+	return mid
 }
 
 // TestCoAPRecycleSparesBlockwise: a block-wise upload that crosses the
@@ -122,11 +108,7 @@ func TestCoAPRecycleSparesBlockwise(t *testing.T) {
 			t.Fatalf("post %d: %v (%s)", i, got.code, got.body)
 		}
 	}
-	recs := make([]string, 150)
-	for i := range recs {
-		recs[i] = fmt.Sprintf(`{"n":"r%03d","v":%d}`, i, i)
-	}
-	body := "[" + strings.Join(recs, ",") + "]" // about 2.7 KB: 43 blocks of 64 bytes, across the threshold
+	body := pack(150) // about 2.7 KB: 43 blocks of 64 bytes, across the threshold
 	if got := do(t, cc, request{codes.POST, "/s/logger-1", 110, nil, body}); got.code != codes.Changed {
 		t.Fatalf("block-wise upload across the recycling threshold: %v (%s)", got.code, got.body)
 	}
