@@ -75,3 +75,28 @@ func (s *Series) Rate(lo, hi float64) (float64, error) {
 	}
 	return (hi - lo) / d, nil
 }
+
+// LongestFlat is the longest time the counter stood still after its first
+// rise and before it reached v: from the sample at which it rose to the
+// sample at which it rose again, so as precise as the sampling. A counter
+// rising at every sample gives the sample interval.
+func (s *Series) LongestFlat(v float64) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var longest time.Duration
+	var rose time.Time // the sample at which the counter last rose
+	for i := 1; i < len(s.pts); i++ {
+		p := s.pts[i]
+		if p.v == s.pts[i-1].v {
+			continue
+		}
+		if !rose.IsZero() {
+			longest = max(longest, p.at.Sub(rose))
+		}
+		if p.v >= v {
+			break
+		}
+		rose = p.at
+	}
+	return longest
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -35,19 +36,32 @@ func runCeilingChild(addr, clientID string) {
 		fmt.Fprintln(os.Stderr, "ceiling subscriber:", err)
 		os.Exit(1)
 	}
-	fmt.Println("ready")
+	subscribed := make(chan struct{})
+	close(subscribed)
+	_ = printCounts(ctx, subscribed, nil, sub.Received)
+	if err := sub.Close(); err != nil {
+		fmt.Fprintln(os.Stderr, "ceiling subscriber close:", err)
+	}
+}
+
+// printCounts is a subscriber child's output: "ready" once subscribed is
+// closed, then received's count every 20 ms until ctx ends (nil, after a
+// last count) or failed reports an error.
+func printCounts(ctx context.Context, subscribed <-chan struct{}, failed <-chan error, received func() int64) error {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
+		case <-subscribed:
+			fmt.Println("ready")
+			subscribed = nil
+		case err := <-failed:
+			return err
 		case <-ctx.Done():
-			fmt.Println(sub.Received())
-			if err := sub.Close(); err != nil {
-				fmt.Fprintln(os.Stderr, "ceiling subscriber close:", err)
-			}
-			return
+			fmt.Println(received())
+			return nil
 		case <-t.C:
-			fmt.Println(sub.Received())
+			fmt.Println(received())
 		}
 	}
 }
@@ -60,11 +74,33 @@ type ceilingProc struct {
 }
 
 func startCeiling(addr, clientID string) (*ceilingProc, error) {
+	return startChild(ceilingChildFlag, addr, clientID)
+}
+
+// startChild runs this binary as the subscriber child that flag selects.
+func startChild(flag, addr, clientID string) (*ceilingProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, ceilingChildFlag, addr, clientID)
+	c, err := startCounted(exec.Command(self, flag, addr, clientID), func(line string, c *ceilingProc) bool {
+		if line == "ready" {
+			return true
+		}
+		if n, err := strconv.ParseInt(line, 10, 64); err == nil {
+			c.received.Store(n)
+		}
+		return false
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	return c, nil
+}
+
+// startCounted starts a subscriber process and feeds each line it prints to
+// line, which keeps the count and reports the line that means "subscribed".
+func startCounted(cmd *exec.Cmd, line func(string, *ceilingProc) (ready bool)) (*ceilingProc, error) {
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
@@ -72,21 +108,18 @@ func startCeiling(addr, clientID string) (*ceilingProc, error) {
 		return nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start the ceiling subscriber: %w", err)
+		return nil, fmt.Errorf("start: %w", err)
 	}
 	c := &ceilingProc{cmd: cmd, done: make(chan struct{})}
 	ready := make(chan struct{})
 	go func() {
 		defer close(c.done)
 		sc := bufio.NewScanner(out)
+		subscribed := false
 		for sc.Scan() {
-			line := strings.TrimSpace(sc.Text())
-			if line == "ready" {
+			if line(strings.TrimSpace(sc.Text()), c) && !subscribed {
+				subscribed = true
 				close(ready)
-				continue
-			}
-			if n, err := strconv.ParseInt(line, 10, 64); err == nil {
-				c.received.Store(n)
 			}
 		}
 	}()
@@ -95,12 +128,55 @@ func startCeiling(addr, clientID string) (*ceilingProc, error) {
 		return c, nil
 	case <-c.done:
 		_ = cmd.Wait()
-		return nil, fmt.Errorf("the ceiling subscriber exited before subscribing")
+		return nil, fmt.Errorf("exited before subscribing")
 	case <-time.After(30 * time.Second):
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
-		return nil, fmt.Errorf("the ceiling subscriber did not subscribe within 30 s")
+		return nil, fmt.Errorf("did not subscribe within 30 s")
 	}
+}
+
+// startMosquittoSub starts Mosquitto's own C client, mosquitto_sub, as a
+// bare subscriber: the broker's QoS 1 pass-through to a client that is not
+// paho. It speaks MQTT 3.1.1 so that the broker's max_inflight_messages is
+// its window (libmosquitto asks for a Receive Maximum of 20 under MQTT 5),
+// keeps a persistent session like the gateway, and prints each message's
+// topic, which this process counts. Before it subscribes, a retained message
+// on a topic of its own is published: its arrival means the subscriptions
+// are in place.
+func startMosquittoSub(addr, clientID string) (*ceilingProc, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	ready := "bench/ready/" + clientID
+	retain := func(msg ...string) error {
+		args := append([]string{"-h", host, "-p", port, "-q", "1", "-r", "-t", ready}, msg...)
+		if out, err := exec.Command("mosquitto_pub", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("mosquitto_pub %s: %w: %s", ready, err, out)
+		}
+		return nil
+	}
+	if err := retain("-m", "ready"); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("mosquitto_sub", "-h", host, "-p", port, "-i", clientID, "-c", "-q", "1",
+		"-V", "mqttv311", "-F", "%t", "-t", bench.FlatFilter, "-t", bench.SenMLFilter, "-t", ready)
+	c, err := startCounted(cmd, func(line string, c *ceilingProc) bool {
+		if line == ready {
+			return true
+		}
+		c.received.Add(1)
+		return false
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mosquitto_sub: %w", err)
+	}
+	if err := retain("-n"); err != nil { // clear the marker
+		_ = c.stop()
+		return nil, err
+	}
+	return c, nil
 }
 
 func (c *ceilingProc) Received() int64 { return c.received.Load() }

@@ -25,22 +25,23 @@ import (
 )
 
 type options struct {
-	flatMessages  int
-	senmlMessages int
-	fill          int
-	repeat        int
-	conns         int
-	inflight      int
-	phases        map[string]bool
-	dataRoot      string
-	out           string
-	set           []string
-	env           []string
-	defaultsRate  float64
-	sample        time.Duration
-	keep          bool
-	bin           string
-	perfDir       string
+	flatMessages    int
+	senmlMessages   int
+	fill            int
+	repeat          int
+	conns           int
+	inflight        int
+	phases          map[string]bool
+	dataRoot        string
+	out             string
+	set             []string
+	env             []string
+	defaultsRate    float64
+	defaultsUnpaced bool
+	sample          time.Duration
+	keep            bool
+	bin             string
+	perfDir         string
 }
 
 type stringList []string
@@ -56,6 +57,10 @@ func main() {
 		runCeilingChild(os.Args[2], os.Args[3])
 		return
 	}
+	if len(os.Args) == 4 && os.Args[1] == rawChildFlag {
+		runRawChild(os.Args[2], os.Args[3])
+		return
+	}
 	var o options
 	var phases string
 	var set, env stringList
@@ -63,6 +68,7 @@ func main() {
 	flag.IntVar(&o.senmlMessages, "senml", 50_000, "SenML messages (10 readings each) per ingest run")
 	flag.IntVar(&o.fill, "fill", 2_000_000, "readings in the buffer for the drain run")
 	flag.IntVar(&o.repeat, "repeat", 3, "repeats of each ingest measurement (ceiling and gateway, interleaved)")
+	flag.BoolVar(&o.defaultsUnpaced, "defaults-unpaced", true, "at Mosquitto's defaults, run the unpaced measurements (ceiling, gateway, raw subscriber); false: only the paced run")
 	flag.Float64Var(&o.defaultsRate, "defaults-rate", 3000, "after the unpaced run at Mosquitto's defaults, one paced at this many msgs/s (0: none)")
 	flag.IntVar(&o.conns, "conns", 4, "publisher MQTT connections")
 	flag.IntVar(&o.inflight, "inflight", 64, "concurrent QoS 1 publishes per publisher connection")
@@ -235,10 +241,18 @@ func (b *bencher) ingestSet(rep int, shape bench.Shape) {
 	bare := b.bareProcess(shape)
 	up := b.gatewayIngest(shape, false, "shipped")
 	cut := b.gatewayIngest(shape, true, "shipped")
+	cSub, cSubOK := b.cSubProcess(shape)
+	raw := b.rawProcess(shape)
 	after := b.ceiling(shape)
 	ceil := (before.msgsPerSec + after.msgsPerSec) / 2
 	before.rep, after.rep = rep, rep
 	bare.rep, bare.ceiling = rep, ceil
+	raw.rep, raw.ceiling = rep, ceil
+	b.r.add(raw)
+	if cSubOK {
+		cSub.rep, cSub.ceiling = rep, ceil
+		b.r.add(cSub)
+	}
 	up.rep, up.ceiling = rep, ceil
 	cut.rep, cut.ceiling = rep, ceil
 	b.r.add(before)
@@ -251,15 +265,9 @@ func (b *bencher) ingestSet(rep int, shape bench.Shape) {
 // defaultsSet is one repeat at Mosquitto's default settings: flat JSON,
 // the ceiling and the gateway uploading, counting what could be lost.
 func (b *bencher) defaultsSet(rep int) {
-	before := b.ceiling(bench.Flat)
-	up := b.gatewayIngest(bench.Flat, false, "defaults")
-	after := b.ceiling(bench.Flat)
-	before.rep, before.broker = rep, "defaults"
-	after.rep, after.broker = rep, "defaults"
-	up.rep, up.ceiling = rep, (before.msgsPerSec+after.msgsPerSec)/2
-	b.r.add(before)
-	b.r.add(up)
-	b.r.add(after)
+	if b.o.defaultsUnpaced {
+		b.defaultsUnpaced(rep)
+	}
 	if b.o.defaultsRate > 0 {
 		b.rate = b.o.defaultsRate
 		defer func() { b.rate = 0 }()
@@ -269,10 +277,26 @@ func (b *bencher) defaultsSet(rep int) {
 	}
 }
 
+// defaultsUnpaced is the unpaced part of defaultsSet.
+func (b *bencher) defaultsUnpaced(rep int) {
+	before := b.ceiling(bench.Flat)
+	up := b.gatewayIngest(bench.Flat, false, "defaults")
+	raw := b.rawProcess(bench.Flat)
+	after := b.ceiling(bench.Flat)
+	before.rep, before.broker = rep, "defaults"
+	after.rep, after.broker = rep, "defaults"
+	raw.rep, raw.broker, raw.ceiling = rep, "defaults", (before.msgsPerSec+after.msgsPerSec)/2
+	b.r.add(raw)
+	up.rep, up.ceiling = rep, (before.msgsPerSec+after.msgsPerSec)/2
+	b.r.add(before)
+	b.r.add(up)
+	b.r.add(after)
+}
+
 // ingestResult is one ingest run.
 type ingestResult struct {
 	rep      int
-	kind     string // "ceiling", "bare subscriber process", "uplink up", "uplink cut"
+	kind     string // "ceiling", bareKind, cSubKind, rawKind, "uplink up", "uplink cut"
 	broker   string // "shipped" or "defaults"
 	shape    bench.Shape
 	messages int
@@ -295,6 +319,7 @@ type ingestResult struct {
 	idleCPU    time.Duration // gateway CPU per second of idling before the run
 	diskWrites int64         // bytes the gateway wrote to storage over the run
 	syscalls   int64         // read and write syscalls of the gateway over the run
+	stall      time.Duration // the longest time no reading became durable, mid-run (±1 sample)
 }
 
 // idleCPU is the gateway's CPU per second while nothing happens (its timers).
@@ -357,19 +382,60 @@ func (b *bencher) ceiling(shape bench.Shape) ingestResult {
 	return res
 }
 
+const (
+	bareKind = "bare subscriber process"
+	cSubKind = "mosquitto_sub process"
+	rawKind  = "raw subscriber process"
+)
+
+// rawProcess measures the raw subscriber (rawsub.go) in a process of its own.
+func (b *bencher) rawProcess(shape bench.Shape) ingestResult {
+	start := func(addr, clientID string) (*ceilingProc, error) { return startChild(rawChildFlag, addr, clientID) }
+	return b.subscriberProcess(shape, rawKind, start, b.endClientSession)
+}
+
+// endClientSession removes a subscriber's persistent session from the broker.
+func (b *bencher) endClientSession(clientID string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := bench.EndSession(ctx, b.broker.Addr(), clientID); err != nil {
+		b.h.Fatalf("%v", err)
+	}
+}
+
 // bareProcess measures the same bare subscriber in a process of its own, as
 // the gateway runs: its CPU per message is what paho alone costs there.
 func (b *bencher) bareProcess(shape bench.Shape) ingestResult {
+	return b.subscriberProcess(shape, bareKind, startCeiling, nil)
+}
+
+// cSubProcess measures Mosquitto's C client, mosquitto_sub, as a bare
+// subscriber in a process of its own: the broker's pass-through to a client
+// that is not paho. ok is false when mosquitto_sub is not installed.
+func (b *bencher) cSubProcess(shape bench.Shape) (res ingestResult, ok bool) {
+	if _, err := exec.LookPath("mosquitto_sub"); err != nil {
+		b.r.logf("NOT MEASURED: the mosquitto_sub ceiling needs mosquitto_sub (Debian mosquitto-clients): %v", err)
+		return ingestResult{}, false
+	}
+	return b.subscriberProcess(shape, cSubKind, startMosquittoSub, b.endClientSession), true
+}
+
+// subscriberProcess measures a bare subscriber process that start runs.
+func (b *bencher) subscriberProcess(shape bench.Shape, kind string, start func(addr, clientID string) (*ceilingProc, error), end func(clientID string)) ingestResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	id := b.next()
-	sub, err := startCeiling(b.broker.Addr(), fmt.Sprintf("bench-bare-%d", id))
+	clientID := fmt.Sprintf("bench-sub-%d", id)
+	sub, err := start(b.broker.Addr(), clientID)
 	if err != nil {
-		b.h.Fatalf("bare subscriber process: %v", err)
+		b.h.Fatalf("%s: %v", kind, err)
 	}
 	defer func() {
 		if err := sub.stop(); err != nil {
-			b.r.logf("bare subscriber process: %v", err)
+			b.r.logf("%s: %v", kind, err)
+		}
+		if end != nil {
+			end(clientID)
 		}
 	}()
 	before, err := bench.ReadProc(sub.pid())
@@ -381,9 +447,10 @@ func (b *bencher) bareProcess(shape bench.Shape) ingestResult {
 	if err != nil {
 		b.h.Fatalf("%v", err)
 	}
-	res.kind, res.cpu = "bare subscriber process", after.CPU-before.CPU
-	b.r.logf("bare    %-16s %8.0f msgs/s (publishers %6.0f msgs/s), CPU %5.2f µs/msg  load %s",
-		shape, res.msgsPerSec, res.publishPerSec, float64(res.cpu.Microseconds())/float64(res.messages), res.load)
+	res.kind, res.cpu, res.syscalls = kind, after.CPU-before.CPU, after.Syscalls-before.Syscalls
+	b.r.logf("%-23s %-16s %8.0f msgs/s (publishers %6.0f msgs/s), CPU %5.2f µs/msg, %.2f syscalls/msg  load %s",
+		kind, shape, res.msgsPerSec, res.publishPerSec, float64(res.cpu.Microseconds())/float64(res.messages),
+		float64(res.syscalls)/float64(res.messages), res.load)
 	return res
 }
 
@@ -514,7 +581,8 @@ func (b *bencher) gatewayIngest(shape bench.Shape, cut bool, broker string) inge
 		rows: -1, received: int64(wt.received.Last()), rejected: wt.rejected,
 		cpu: after.CPU - before.CPU, cpuIngest: afterIngest.CPU - before.CPU,
 		peakAnon: usage.PeakRssAnon, vmHWM: usage.VmHWM, load: loadavg(), wallIngest: ingested.Sub(start), idleCPU: idle,
-		diskWrites: after.DiskWrites - before.DiskWrites, syscalls: after.Syscalls - before.Syscalls}
+		diskWrites: after.DiskWrites - before.DiskWrites, syscalls: after.Syscalls - before.Syscalls,
+		stall: wt.received.LongestFlat(got)}
 	if cut {
 		res.kind = "uplink cut"
 	} else {
@@ -524,9 +592,9 @@ func (b *bencher) gatewayIngest(shape bench.Shape, cut bool, broker string) inge
 		}
 		res.rows = rows
 	}
-	b.r.logf("gateway %-16s %-10s %-8s %8.0f readings/s %7.0f msgs/s, CPU %5.2f µs/reading, RssAnon peak %5.1f MiB, VmHWM %5.1f MiB, disk %.0f B/reading, %.2f syscalls/msg, acked %d, rows %d, load %s",
+	b.r.logf("gateway %-16s %-10s %-8s %8.0f readings/s %7.0f msgs/s, CPU %5.2f µs/reading, RssAnon peak %5.1f MiB, VmHWM %5.1f MiB, disk %.0f B/reading, %.2f syscalls/msg, longest stall %s, acked %d, rows %d, load %s",
 		shape, res.kind, broker, rate, res.msgsPerSec, res.cpuPerReading(), mib(res.peakAnon), mib(res.vmHWM),
-		float64(res.diskWrites)/float64(want), float64(res.syscalls)/float64(n), res.acked, res.rows, res.load)
+		float64(res.diskWrites)/float64(want), float64(res.syscalls)/float64(n), res.stall.Round(time.Millisecond), res.acked, res.rows, res.load)
 	b.dropDatabase(id)
 	return res
 }
@@ -582,13 +650,7 @@ func (b *bencher) perf(g *gatewayProc, id int) func() {
 }
 
 // endSession removes run id's gateway session from the broker.
-func (b *bencher) endSession(id int) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := bench.EndSession(ctx, b.broker.Addr(), clientID(id)); err != nil {
-		b.h.Fatalf("%v", err)
-	}
-}
+func (b *bencher) endSession(id int) { b.endClientSession(clientID(id)) }
 
 func clientID(id int) string { return fmt.Sprintf("sluice-bench-%d", id) }
 

@@ -108,29 +108,32 @@ func (r *report) writeIngest(w io.Writer) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Rates are steady-state: from 10% to 90% of the run's readings durable. CPU is the gateway's utime+stime from the first publish until every reading was durable and (uplink up) uploaded, over the readings.")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| rep | broker | payload | run | msgs/s | readings/s | ceiling msgs/s | ratio | publishers msgs/s | CPU µs/reading | idle CPU | syscalls/msg | disk B/reading | peak RssAnon MiB | VmHWM MiB | acked msgs | rows | load |")
-	fmt.Fprintln(w, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+	fmt.Fprintln(w, "| rep | broker | payload | run | msgs/s | readings/s | ceiling msgs/s | ratio | publishers msgs/s | CPU µs/reading | idle CPU | syscalls/msg | disk B/reading | peak RssAnon MiB | VmHWM MiB | longest stall ms | acked msgs | rows | load |")
+	fmt.Fprintln(w, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 	all := r.ingest
 	if r.drain != nil {
 		all = append(slices.Clone(all), r.drain.ingest)
 	}
 	for _, x := range all {
-		ratio, cpu, anon, hw, rows, idle, sys, disk := "", "", "", "", "", "", "", ""
+		ratio, cpu, anon, hw, rows, idle, sys, disk, stall := "", "", "", "", "", "", "", "", ""
 		if x.kind != "ceiling" && x.ceiling > 0 {
 			ratio = fmt.Sprintf("%.0f%%", 100*x.msgsPerSec/x.ceiling)
 		}
 		if x.cpu > 0 {
 			cpu = fmt.Sprintf("%.2f", x.cpuPerReading())
 		}
+		if x.syscalls > 0 {
+			sys = fmt.Sprintf("%.2f", float64(x.syscalls)/float64(x.messages))
+		}
 		if x.gateway() {
 			if x.idleCPU > 0 {
 				idle = fmt.Sprintf("%.1f%%", 100*x.idleCPU.Seconds())
 			}
 			if x.syscalls > 0 {
-				sys = fmt.Sprintf("%.2f", float64(x.syscalls)/float64(x.messages))
 				disk = fmt.Sprintf("%.0f", float64(x.diskWrites)/float64(x.readings))
 			}
 			anon = fmt.Sprintf("%.1f", mib(x.peakAnon))
+			stall = fmt.Sprint(x.stall.Milliseconds())
 			hw = fmt.Sprintf("%.1f", mib(x.vmHWM))
 		}
 		if x.rows >= 0 {
@@ -140,9 +143,9 @@ func (r *report) writeIngest(w io.Writer) {
 		if x.ceiling > 0 {
 			ceiling = fmt.Sprintf("%.0f", x.ceiling)
 		}
-		fmt.Fprintf(w, "| %d | %s | %s | %s | %.0f | %.0f | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %d | %s | %s |\n",
+		fmt.Fprintf(w, "| %d | %s | %s | %s | %.0f | %.0f | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s | %d | %s | %s |\n",
 			x.rep+1, x.broker, x.shape, x.kind, x.msgsPerSec, x.readingsPerSec, ceiling, ratio, x.publishPerSec,
-			cpu, idle, sys, disk, anon, hw, x.acked, rows, x.load)
+			cpu, idle, sys, disk, anon, hw, stall, x.acked, rows, x.load)
 	}
 	fmt.Fprintln(w)
 	// Medians over the repeats.
@@ -152,7 +155,7 @@ func (r *report) writeIngest(w io.Writer) {
 	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|---:|")
 	for _, broker := range []string{"shipped", "defaults"} {
 		for _, shape := range []bench.Shape{bench.Flat, bench.SenML10} {
-			kinds := []string{"ceiling", "bare subscriber process", "uplink up", "uplink cut"}
+			kinds := []string{"ceiling", bareKind, cSubKind, rawKind, "uplink up", "uplink cut"}
 			if r.opts.defaultsRate > 0 {
 				kinds = append(kinds, fmt.Sprintf("uplink up, paced %.0f msgs/s", r.opts.defaultsRate))
 			}
@@ -181,6 +184,20 @@ func (r *report) writeIngest(w io.Writer) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// againstRep is each run's msgs/s over that of the run of kind in the same
+// repeat and shape.
+func (r *report) againstRep(runs []ingestResult, kind string) []float64 {
+	var out []float64
+	for _, x := range runs {
+		for _, y := range r.group(x.broker, x.shape, kind) {
+			if y.rep == x.rep && y.msgsPerSec > 0 {
+				out = append(out, x.msgsPerSec/y.msgsPerSec)
+			}
+		}
+	}
+	return out
 }
 
 // lostReadings is what the broker acknowledged to the publishers but
@@ -218,6 +235,14 @@ func (r *report) writeTargets(w io.Writer) {
 	if len(flat) > 0 {
 		ratio := median(pick(flat, func(x ingestResult) float64 { return x.msgsPerSec / x.ceiling }))
 		fmt.Fprintf(w, "| (1) flat JSON >= 85%% of the QoS 1 pass-through ceiling | %.0f%% (median of %d) | %s |\n", 100*ratio, len(flat), verdict(ratio >= 0.85))
+		if c := r.againstRep(flat, rawKind); len(c) > 0 {
+			ratio := median(c)
+			fmt.Fprintf(w, "| (1) the same against a raw subscriber process (rawsub.go: one goroutine, no allocation, batched PUBACKs, same repeat) | %.0f%% (median of %d) | %s |\n", 100*ratio, len(c), verdict(ratio >= 0.85))
+		}
+		if c := r.againstRep(flat, cSubKind); len(c) > 0 {
+			ratio := median(c)
+			fmt.Fprintf(w, "| (1) the same against Mosquitto's C client (mosquitto_sub, a process of its own, same repeat) | %.0f%% (median of %d) | %s |\n", 100*ratio, len(c), verdict(ratio >= 0.85))
+		}
 	}
 	if len(flat) > 0 && len(senml) > 0 {
 		x := median(pick(senml, func(x ingestResult) float64 { return x.readingsPerSec })) /
@@ -233,9 +258,11 @@ func (r *report) writeTargets(w io.Writer) {
 			continue
 		}
 		c := median(pick(g.uplink, ingestResult.cpuPerReading))
-		bare := median(pick(r.group("shipped", g.shape, "bare subscriber process"), ingestResult.cpuPerReading))
-		fmt.Fprintf(w, "| (3) CPU <= 8 µs per reading (%s, ingest + upload) | %.2f µs (a bare paho subscriber in a process of its own, doing nothing: %.2f µs) | %s |\n",
-			g.name, c, bare, verdict(c <= 8))
+		bare := median(pick(r.group("shipped", g.shape, bareKind), ingestResult.cpuPerReading))
+		cSub := median(pick(r.group("shipped", g.shape, cSubKind), ingestResult.cpuPerReading))
+		raw := median(pick(r.group("shipped", g.shape, rawKind), ingestResult.cpuPerReading))
+		fmt.Fprintf(w, "| (3) CPU <= 8 µs per reading (%s, ingest + upload) | %.2f µs (bare subscriber processes, doing nothing: paho %.2f µs, mosquitto_sub %.2f µs, raw %.2f µs) | %s |\n",
+			g.name, c, bare, cSub, raw, verdict(c <= 8))
 	}
 	if d := r.drain; d != nil {
 		ratio := d.drainPerSec / d.copyCeiling()
@@ -256,9 +283,11 @@ func (r *report) writeTargets(w io.Writer) {
 	if def := r.group("defaults", bench.Flat, "uplink up"); len(def) > 0 {
 		lost := maxOf(pick(def, lostReadings))
 		ratio := median(pick(def, func(x ingestResult) float64 { return x.msgsPerSec / x.ceiling }))
-		bareLost := maxOf(pick(r.group("defaults", bench.Flat, "ceiling"), func(x ingestResult) float64 { return float64(x.ackedReadings() - x.received) }))
-		fmt.Fprintf(w, "| (e) Mosquitto defaults (20 in flight, 1,000 queued), publishers unpaced (%.0f msgs/s): nothing lost | %.0f lost (acked - rows, worst of %d); gateway at %.0f%% of that broker's ceiling; the bare subscriber of the ceiling, doing nothing, lost up to %.0f | %s |\n",
-			median(pick(def, func(x ingestResult) float64 { return x.publishPerSec })), lost, len(def), 100*ratio, bareLost, verdict(lost == 0))
+		subLost := func(kind string) float64 {
+			return maxOf(pick(r.group("defaults", bench.Flat, kind), func(x ingestResult) float64 { return float64(x.ackedReadings() - x.received) }))
+		}
+		fmt.Fprintf(w, "| (e) Mosquitto defaults (20 in flight, 1,000 queued), publishers unpaced (%.0f msgs/s): nothing lost | %.0f lost (acked - rows, worst of %d); gateway at %.0f%% of that broker's ceiling; subscribers doing nothing lost up to %.0f (the ceiling's, in this process) and %.0f (the raw subscriber process) | %s |\n",
+			median(pick(def, func(x ingestResult) float64 { return x.publishPerSec })), lost, len(def), 100*ratio, subLost("ceiling"), subLost(rawKind), verdict(lost == 0))
 	}
 	if r.opts.defaultsRate > 0 {
 		if def := r.group("defaults", bench.Flat, fmt.Sprintf("uplink up, paced %.0f msgs/s", r.opts.defaultsRate)); len(def) > 0 {
