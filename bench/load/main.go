@@ -377,7 +377,7 @@ func (b *bencher) ceiling(shape bench.Shape) ingestResult {
 		b.h.Fatalf("ceiling subscriber: %v", err)
 	}
 	defer sub.Close()
-	res := b.passThrough(ctx, id, shape, sub.Received)
+	res := b.passThrough(ctx, id, shape, sub.Received, nil)
 	b.r.logf("ceiling %-16s %8.0f msgs/s (publishers %6.0f msgs/s)  load %s", shape, res.msgsPerSec, res.publishPerSec, res.load)
 	return res
 }
@@ -442,7 +442,7 @@ func (b *bencher) subscriberProcess(shape bench.Shape, kind string, start func(a
 	if err != nil {
 		b.h.Fatalf("%v", err)
 	}
-	res := b.passThrough(ctx, id, shape, sub.Received)
+	res := b.passThrough(ctx, id, shape, sub.Received, sub.done)
 	after, err := bench.ReadProc(sub.pid())
 	if err != nil {
 		b.h.Fatalf("%v", err)
@@ -455,8 +455,10 @@ func (b *bencher) subscriberProcess(shape bench.Shape, kind string, start func(a
 }
 
 // passThrough publishes a run of shape and measures how fast received, a
-// bare subscriber's count, follows.
-func (b *bencher) passThrough(ctx context.Context, id int, shape bench.Shape, received func() int64) ingestResult {
+// bare subscriber's count, follows. exited, when not nil, is closed if the
+// subscriber's process ends: then the run fails rather than count what the
+// process did not take as the broker's loss.
+func (b *bencher) passThrough(ctx context.Context, id int, shape bench.Shape, received func() int64, exited <-chan struct{}) ingestResult {
 	w := b.workload(shape)
 	n := b.messages(shape)
 	var got bench.Series
@@ -483,7 +485,7 @@ func (b *bencher) passThrough(ctx context.Context, id int, shape bench.Shape, re
 	pubTook := time.Since(start)
 	// A broker at its defaults drops what its queue cannot hold, even for a
 	// subscriber that does nothing: then the count stops short.
-	werr := waitProgress(2*time.Minute, nil, "the bare subscriber receiving every message", func() float64 { return float64(received()) }, float64(n))
+	werr := waitProgress(2*time.Minute, exited, "the bare subscriber receiving every message", func() float64 { return float64(received()) }, float64(n))
 	close(stop)
 	<-sampled
 	got.Add(time.Now(), float64(received()))

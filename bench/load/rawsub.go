@@ -71,6 +71,7 @@ func rawSubscribe(conn net.Conn, clientID string, ready chan<- struct{}, receive
 		return fmt.Errorf("send CONNECT and SUBSCRIBE: %w", err)
 	}
 	buf := make([]byte, 0, 4096)
+	puback := []byte{0x40, 2, 0, 0}
 	for {
 		kind, n, err := readHeader(r)
 		if err != nil {
@@ -113,9 +114,9 @@ func rawSubscribe(conn net.Conn, clientID string, ready chan<- struct{}, receive
 			if len(buf) < 4+tl {
 				return fmt.Errorf("PUBLISH of %d bytes with a topic of %d", len(buf), tl)
 			}
-			id := buf[2+tl : 4+tl]
+			copy(puback[2:], buf[2+tl:4+tl]) // the packet id
 			received.Add(1)
-			w.Write([]byte{0x40, 2, id[0], id[1]})
+			w.Write(puback)
 		default:
 			return fmt.Errorf("unexpected packet type %d", kind>>4)
 		}
