@@ -73,11 +73,11 @@ type ceilingProc struct {
 	done     chan struct{}
 }
 
-func startCeiling(addr, clientID string) (*ceilingProc, error) {
-	return startChild(ceilingChildFlag, addr, clientID)
+// childStarter starts this binary as the subscriber child that flag selects.
+func childStarter(flag string) func(addr, clientID string) (*ceilingProc, error) {
+	return func(addr, clientID string) (*ceilingProc, error) { return startChild(flag, addr, clientID) }
 }
 
-// startChild runs this binary as the subscriber child that flag selects.
 func startChild(flag, addr, clientID string) (*ceilingProc, error) {
 	self, err := os.Executable()
 	if err != nil {

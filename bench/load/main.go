@@ -244,21 +244,23 @@ func (b *bencher) ingestSet(rep int, shape bench.Shape) {
 	cSub, cSubOK := b.cSubProcess(shape)
 	raw := b.rawProcess(shape)
 	after := b.ceiling(shape)
+	runs := []ingestResult{bare, up, cut, raw}
+	if cSubOK {
+		runs = append(runs, cSub)
+	}
+	b.addSet(rep, before, after, runs...)
+}
+
+// addSet adds one repeat's runs to the report, each set against the mean of
+// the ceilings measured before and after them.
+func (b *bencher) addSet(rep int, before, after ingestResult, runs ...ingestResult) {
 	ceil := (before.msgsPerSec + after.msgsPerSec) / 2
 	before.rep, after.rep = rep, rep
-	bare.rep, bare.ceiling = rep, ceil
-	raw.rep, raw.ceiling = rep, ceil
-	b.r.add(raw)
-	if cSubOK {
-		cSub.rep, cSub.ceiling = rep, ceil
-		b.r.add(cSub)
-	}
-	up.rep, up.ceiling = rep, ceil
-	cut.rep, cut.ceiling = rep, ceil
 	b.r.add(before)
-	b.r.add(bare)
-	b.r.add(up)
-	b.r.add(cut)
+	for _, x := range runs {
+		x.rep, x.ceiling = rep, ceil
+		b.r.add(x)
+	}
 	b.r.add(after)
 }
 
@@ -283,14 +285,8 @@ func (b *bencher) defaultsUnpaced(rep int) {
 	up := b.gatewayIngest(bench.Flat, false, "defaults")
 	raw := b.rawProcess(bench.Flat)
 	after := b.ceiling(bench.Flat)
-	before.rep, before.broker = rep, "defaults"
-	after.rep, after.broker = rep, "defaults"
-	raw.rep, raw.broker, raw.ceiling = rep, "defaults", (before.msgsPerSec+after.msgsPerSec)/2
-	b.r.add(raw)
-	up.rep, up.ceiling = rep, (before.msgsPerSec+after.msgsPerSec)/2
-	b.r.add(before)
-	b.r.add(up)
-	b.r.add(after)
+	before.broker, after.broker, raw.broker = "defaults", "defaults", "defaults"
+	b.addSet(rep, before, after, up, raw)
 }
 
 // ingestResult is one ingest run.
@@ -390,8 +386,7 @@ const (
 
 // rawProcess measures the raw subscriber (rawsub.go) in a process of its own.
 func (b *bencher) rawProcess(shape bench.Shape) ingestResult {
-	start := func(addr, clientID string) (*ceilingProc, error) { return startChild(rawChildFlag, addr, clientID) }
-	return b.subscriberProcess(shape, rawKind, start, b.endClientSession)
+	return b.subscriberProcess(shape, rawKind, childStarter(rawChildFlag), b.endClientSession)
 }
 
 // endClientSession removes a subscriber's persistent session from the broker.
@@ -406,7 +401,7 @@ func (b *bencher) endClientSession(clientID string) {
 // bareProcess measures the same bare subscriber in a process of its own, as
 // the gateway runs: its CPU per message is what paho alone costs there.
 func (b *bencher) bareProcess(shape bench.Shape) ingestResult {
-	return b.subscriberProcess(shape, bareKind, startCeiling, nil)
+	return b.subscriberProcess(shape, bareKind, childStarter(ceilingChildFlag), nil)
 }
 
 // cSubProcess measures Mosquitto's C client, mosquitto_sub, as a bare

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -130,22 +131,15 @@ func rawSubscribe(conn net.Conn, clientID string, ready chan<- struct{}, receive
 
 // skipProperties returns what follows an MQTT 5 property list at the start of b.
 func skipProperties(b []byte) ([]byte, error) {
-	n, used := 0, 0
-	for shift := 0; ; shift += 7 {
-		if used == len(b) || shift >= 28 {
-			return nil, errors.New("malformed property length")
-		}
-		d := b[used]
-		used++
-		n |= int(d&0x7f) << shift
-		if d&0x80 == 0 {
-			break
-		}
+	r := bytes.NewReader(b)
+	n, err := readVarint(r)
+	if err != nil {
+		return nil, fmt.Errorf("property length: %w", err)
 	}
-	if used+n > len(b) {
+	if n > r.Len() {
 		return nil, errors.New("property length past the packet")
 	}
-	return b[used+n:], nil
+	return b[len(b)-r.Len()+n:], nil
 }
 
 func appendString(b []byte, s string) []byte {
@@ -174,15 +168,25 @@ func readHeader(r *bufio.Reader) (kind byte, n int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
+	n, err = readVarint(r)
+	if err != nil {
+		return 0, 0, err
+	}
+	return kind, n, nil
+}
+
+// readVarint reads an MQTT variable byte integer (at most four bytes).
+func readVarint(r io.ByteReader) (int, error) {
+	n := 0
 	for shift := 0; shift < 28; shift += 7 {
 		d, err := r.ReadByte()
 		if err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 		n |= int(d&0x7f) << shift
 		if d&0x80 == 0 {
-			return kind, n, nil
+			return n, nil
 		}
 	}
-	return 0, 0, errors.New("malformed remaining length")
+	return 0, errors.New("malformed variable byte integer")
 }

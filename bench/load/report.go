@@ -237,13 +237,14 @@ func (r *report) writeTargets(w io.Writer) {
 	if len(flat) > 0 {
 		ratio := median(pick(flat, func(x ingestResult) float64 { return x.msgsPerSec / x.ceiling }))
 		fmt.Fprintf(w, "| (1) flat JSON >= 85%% of the QoS 1 pass-through ceiling | %.0f%% (median of %d) | %s |\n", 100*ratio, len(flat), verdict(ratio >= 0.85))
-		if c := r.againstRep(flat, rawKind); len(c) > 0 {
-			ratio := median(c)
-			fmt.Fprintf(w, "| (1) the same against a raw subscriber process (rawsub.go: one goroutine, no allocation per message, batched PUBACKs, same repeat) | %.0f%% (median of %d) | %s |\n", 100*ratio, len(c), verdict(ratio >= 0.85))
-		}
-		if c := r.againstRep(flat, cSubKind); len(c) > 0 {
-			ratio := median(c)
-			fmt.Fprintf(w, "| (1) the same against Mosquitto's C client (mosquitto_sub, a process of its own that prints each topic, same repeat) | %.0f%% (median of %d) | %s |\n", 100*ratio, len(c), verdict(ratio >= 0.85))
+		for _, ref := range []struct{ kind, what string }{
+			{rawKind, "a raw subscriber process (rawsub.go: one goroutine, no allocation per message, batched PUBACKs, same repeat)"},
+			{cSubKind, "Mosquitto's C client (mosquitto_sub, a process of its own that prints each topic, same repeat)"},
+		} {
+			if c := r.againstRep(flat, ref.kind); len(c) > 0 {
+				ratio := median(c)
+				fmt.Fprintf(w, "| (1) the same against %s | %.0f%% (median of %d) | %s |\n", ref.what, 100*ratio, len(c), verdict(ratio >= 0.85))
+			}
 		}
 	}
 	if len(flat) > 0 && len(senml) > 0 {
